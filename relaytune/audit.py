@@ -1,0 +1,170 @@
+"""Audit of synthetic answers against the handbook, and of the auditor itself against the planted errors.
+
+Classification reads only the answers and the handbook; the planted-errors file enters afterwards, to score it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from .generation import Decoding, Messages, TextGenerator
+from .handbook import Fact, Handbook
+from .params import AuditParams
+from .stats import proportion
+
+# correct: asserts the handbook value; error: asserts a wrong value; mixed: both (contradictory advice, flagged);
+# no_claim: states neither.
+FLAGGED_LABELS = {"error", "mixed"}
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    line: int
+    id: str
+    fact_id: str
+    topic: str
+    question: str
+    answer: str
+    raw: dict
+
+
+@dataclass(frozen=True)
+class MalformedRow:
+    line: int
+    problem: str
+
+
+def parse_train_rows(lines: list[tuple[int, dict | None, str | None]], handbook: Handbook
+                     ) -> tuple[list[AuditRow], list[MalformedRow]]:
+    rows, malformed = [], []
+    for lineno, obj, problem in lines:
+        if problem is None:
+            problem = _row_problem(obj, handbook)
+        if problem:
+            malformed.append(MalformedRow(lineno, problem))
+            continue
+        user = next(m["content"] for m in obj["messages"] if m.get("role") == "user")
+        answer = next(m["content"] for m in obj["messages"] if m.get("role") == "assistant")
+        fact = handbook.fact(obj["fact_id"])
+        rows.append(AuditRow(lineno, obj["id"], fact.id, fact.topic, user, answer, obj))
+    return rows, malformed
+
+
+def _row_problem(obj: dict, handbook: Handbook) -> str | None:
+    for key in ("id", "fact_id", "messages"):
+        if key not in obj:
+            return f"missing field '{key}'"
+    if obj["fact_id"] not in handbook.by_id:
+        return f"fact_id {obj['fact_id']!r} is not in the handbook"
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return "messages is not a list of {role, content} objects"
+    roles = [m.get("role") for m in messages]
+    if "user" not in roles or "assistant" not in roles:
+        return "messages needs a user and an assistant message"
+    answer = next(m.get("content") for m in messages if m.get("role") == "assistant")
+    if not isinstance(answer, str) or not answer.strip():
+        return "empty assistant answer"
+    return None
+
+
+def classify_answer(fact: Fact, text: str) -> str:
+    asserts_correct = fact.correct.found_in(text)
+    asserts_wrong = any(w.found_in(text) for w in fact.wrong)
+    if asserts_correct and asserts_wrong:
+        return "mixed"
+    if asserts_wrong:
+        return "error"
+    return "correct" if asserts_correct else "no_claim"
+
+
+JUDGE_SYSTEM = "You check answers given to students against the official university handbook. You reply with one word."
+JUDGE_USER = (
+    "Handbook fact: {statement}\n\nStudent question: {question}\n\nAdvisor's answer: {answer}\n\n"
+    "Does the advisor's answer state a value that contradicts the handbook fact? Reply with exactly one word: "
+    "CORRECT if it states the handbook's value, ERROR if it states a different value, NONE if it states no value."
+)
+JUDGE_VERDICTS = {"CORRECT": "correct", "ERROR": "error", "NONE": "no_claim"}
+_FIRST_WORD = re.compile(r"[A-Za-z]+")
+
+
+def judge_messages(fact: Fact, row: AuditRow) -> Messages:
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": JUDGE_USER.format(statement=fact.statement_with(fact.correct.value),
+                                                          question=row.question, answer=row.answer)}]
+
+
+def parse_judge_verdict(text: str) -> str:
+    """The verdict word, or 'unparseable' (reported, never coerced)."""
+    m = _FIRST_WORD.search(text or "")
+    return JUDGE_VERDICTS.get(m.group(0).upper(), "unparseable") if m else "unparseable"
+
+
+def judge_rows(rows: list[AuditRow], handbook: Handbook, judge: TextGenerator, p: AuditParams, seed: int) -> list[str]:
+    assert p.judge is not None
+    completions = judge.generate([judge_messages(handbook.fact(r.fact_id), r) for r in rows],
+                                 Decoding.from_params(p.judge, seed), desc="audit judge")
+    return [parse_judge_verdict(c.text) if c.ok else "unparseable" for c in completions]
+
+
+def is_flagged(pattern_label: str, judge_label: str | None, flag_by: str) -> bool:
+    by_pattern = pattern_label in FLAGGED_LABELS
+    by_judge = judge_label == "error"
+    return {"pattern": by_pattern, "judge": by_judge, "either": by_pattern or by_judge}[flag_by]
+
+
+def rates_by(rows: list[AuditRow], flagged: list[bool], key) -> dict:
+    groups: dict[str, list[bool]] = {}
+    for r, f in zip(rows, flagged):
+        groups.setdefault(key(r), []).append(f)
+    return {g: proportion(sum(fs), len(fs)) for g, fs in sorted(groups.items())}
+
+
+def detector_scores(flagged: dict[str, bool], planted: dict[str, dict]) -> dict:
+    """Precision and recall of a detector against the planted errors, over rows both know."""
+    ids = [i for i in flagged if i in planted]
+    tp = sum(flagged[i] and planted[i]["planted"] for i in ids)
+    fp = sum(flagged[i] and not planted[i]["planted"] for i in ids)
+    fn = sum(not flagged[i] and planted[i]["planted"] for i in ids)
+    stated = [i for i in ids if planted[i]["planted"] and planted[i]["value_stated"]]
+    return {
+        "precision": proportion(tp, tp + fp),
+        "recall": proportion(tp, tp + fn),
+        # Planted rows whose answer really states the wrong value: what a perfect value-matcher could find.
+        "recall_on_stated": proportion(sum(flagged[i] for i in stated), len(stated)),
+        "tp": tp, "fp": fp, "fn": fn, "tn": len(ids) - tp - fp - fn,
+    }
+
+
+def audit_summary(rows: list[AuditRow], malformed: list[MalformedRow], pattern_labels: list[str],
+                  judge_labels: list[str] | None, flagged: list[bool], handbook: Handbook,
+                  planted: dict[str, dict], flag_by: str) -> dict:
+    n_lines = len(rows) + len(malformed)
+    summary = {
+        "rows": n_lines,
+        "rows_audited": len(rows),
+        "malformed": proportion(len(malformed), n_lines),
+        "flag_by": flag_by,
+        "error_rate": proportion(sum(flagged), len(rows)),
+        "labels": dict(sorted(Counter(pattern_labels).items())),
+        "by_topic": rates_by(rows, flagged, lambda r: r.topic),
+        "policy_sensitive": rates_by(rows, flagged, lambda r: str(handbook.fact(r.fact_id).policy_sensitive).lower()),
+        "auditor": detector_scores({r.id: f for r, f in zip(rows, flagged)}, planted),
+    }
+    if judge_labels is not None:
+        judge_flags = {r.id: j == "error" for r, j in zip(rows, judge_labels)}
+        agree = sum((p in FLAGGED_LABELS) == (j == "error") for p, j in zip(pattern_labels, judge_labels))
+        summary["judge"] = {
+            "labels": dict(sorted(Counter(judge_labels).items())),
+            "unparseable": judge_labels.count("unparseable"),
+            "agreement_with_pattern": proportion(agree, len(rows)),
+            "scores": detector_scores(judge_flags, planted),
+        }
+    return summary
+
+
+def item_row(r: AuditRow, pattern_label: str, judge_label: str | None, flagged: bool) -> dict:
+    return {"line": r.line, "id": r.id, "fact_id": r.fact_id, "topic": r.topic, "question": r.question,
+            "answer": r.answer, "pattern_label": pattern_label, "judge_label": judge_label, "flagged": flagged}

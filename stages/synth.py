@@ -1,0 +1,61 @@
+"""synth: the teacher writes advice answers for training and held-out questions, with planted errors."""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relaytune.generation import make_generator  # noqa: E402
+from relaytune.handbook import load_handbook, split_questions  # noqa: E402
+from relaytune.io import atomic_write_json, atomic_write_jsonl  # noqa: E402
+from relaytune.params import load_params  # noqa: E402
+from relaytune.provenance import provenance  # noqa: E402
+from relaytune.stage import run_stage  # noqa: E402
+from relaytune.synth import (assign_values, ground_truth_row, heldout_row, run_teacher, synth_summary,  # noqa: E402
+                             train_row)
+
+CACHE_DIR = "cache/synth"
+TRAIN = "data/synth/train.jsonl"
+HELDOUT = "data/synth/heldout.jsonl"
+PLANTED = "data/synth/planted.jsonl"
+METRICS = "metrics/synth.json"
+PROVENANCE = "metrics/provenance/synth.json"
+
+
+def main() -> None:
+    started = time.perf_counter()
+    params = load_params()
+    p = params.synth
+    handbook = load_handbook(p.handbook)
+    train_questions, heldout_questions = split_questions(handbook, params.seed, p.heldout_phrasings_per_fact,
+                                                         p.max_facts)
+    teacher = make_generator(p.teacher, params.model, CACHE_DIR, "synth.teacher")
+    train = run_teacher(assign_values(train_questions, handbook, p.error_rate, params.seed), handbook, teacher, p,
+                        params.seed, "synth train")
+    # References for held-out questions are always grounded on the correct value.
+    heldout = run_teacher(assign_values(heldout_questions, handbook, 0.0, params.seed), handbook, teacher, p,
+                          params.seed, "synth heldout")
+
+    atomic_write_jsonl(TRAIN, [train_row(r) for r in train])
+    atomic_write_jsonl(HELDOUT, [heldout_row(r) for r in heldout])
+    atomic_write_jsonl(PLANTED, [ground_truth_row(r) for r in train])
+    stats = teacher.stats
+    atomic_write_json(METRICS, {
+        **synth_summary(train, heldout),
+        "provider": teacher.provider,
+        "requests": stats.requests,
+        "cache_hits": stats.cache_hits,
+        "generated_tokens": stats.generated_tokens,
+        "generation_seconds": round(stats.seconds, 2),
+        "tokens_per_second": stats.tokens_per_second,
+        "stage_seconds": round(time.perf_counter() - started, 2),
+    })
+    atomic_write_json(PROVENANCE, provenance(
+        stage="synth", seed=params.seed, base_model_hash=teacher.model_info["content_hash"],
+        dtype=teacher.model_info["dtype"], extra={"teacher": teacher.model_info},
+    ))
+
+
+if __name__ == "__main__":
+    run_stage(main)
