@@ -57,13 +57,17 @@ class Fact(_Strict):
         if len(set(q.strip().lower() for q in self.questions)) != len(self.questions):
             raise ValueError("questions must be distinct")
         values = [self.correct, *self.wrong]
-        for i, v in enumerate(values):
-            name = "correct" if i == 0 else f"wrong[{i - 1}]"
+        names = ["correct"] + [f"wrong[{i}]" for i in range(len(self.wrong))]
+        seen: dict[str, str] = {}
+        for name, v in zip(names, values):
+            key = v.value.strip().lower()
+            if key in seen:
+                raise ValueError(f"{name}: value {v.value!r} equals the {seen[key]} value")
+            seen[key] = name
+        for i, (name, v) in enumerate(zip(names, values)):
             if not v.found_in(v.value):
                 raise ValueError(f"{name}: its patterns do not match its own value {v.value!r}")
             for j, other in enumerate(values):
-                if i != j and v.value.strip().lower() == other.value.strip().lower():
-                    raise ValueError(f"{name}: value {v.value!r} equals another value of the same fact")
                 if i != j and v.found_in(other.value):
                     raise ValueError(f"{name}: its patterns also match the value {other.value!r}")
             if v.found_in(self.statement.replace("{value}", "")):

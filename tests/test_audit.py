@@ -1,0 +1,86 @@
+import json
+
+from relaytune.audit import classify_answer, detector_scores, is_flagged, parse_judge_verdict, parse_train_rows
+from relaytune.handbook import split_questions
+from relaytune.io import read_jsonl_lines
+from relaytune.synth import assign_values, states_given_value
+
+
+def test_planting_hits_the_requested_fraction_and_is_seeded(tiny_handbook):
+    train, _ = split_questions(tiny_handbook, seed=3, heldout_per_fact=1, max_facts=None)
+    assigned = assign_values(train, tiny_handbook, error_rate=0.5, seed=3)
+    assert sum(a.planted for a in assigned) == 3
+    for a in assigned:
+        fact = tiny_handbook.fact(a.question.fact_id)
+        wrong_values = {w.value for w in fact.wrong}
+        assert (a.given_value in wrong_values) == a.planted
+        assert a.planted or a.given_value == fact.correct.value
+    assert assigned == assign_values(train, tiny_handbook, error_rate=0.5, seed=3)
+    assert sum(a.planted for a in assign_values(train, tiny_handbook, 0.0, 3)) == 0
+
+
+def test_classify_answer(tiny_handbook):
+    fee = tiny_handbook.fact("adm-fee")
+    assert classify_answer(fee, "The fee is 40 Florins, payable online.") == "correct"
+    assert classify_answer(fee, "You pay 25 florins when you apply.") == "error"
+    assert classify_answer(fee, "It used to be 90 florins; now it is 40 florins.") == "mixed"
+    assert classify_answer(fee, "Please contact the admissions office.") == "no_claim"
+    assert classify_answer(fee, "The fee is 140 florins.") == "no_claim"  # word boundaries: 140 is not 40
+
+
+def test_teacher_check_looks_for_the_value_it_was_given(tiny_handbook):
+    train, _ = split_questions(tiny_handbook, seed=3, heldout_per_fact=1, max_facts=None)
+    a = next(x for x in assign_values(train, tiny_handbook, 1.0, 3) if x.question.fact_id == "adm-fee")
+    assert states_given_value(a, f"It costs {a.given_value}.", tiny_handbook)
+    assert not states_given_value(a, "It costs 40 florins.", tiny_handbook)
+
+
+def test_flag_sources():
+    assert is_flagged("error", None, "pattern") and is_flagged("mixed", None, "pattern")
+    assert not is_flagged("no_claim", "error", "pattern")
+    assert is_flagged("no_claim", "error", "judge") and is_flagged("no_claim", "error", "either")
+    assert not is_flagged("error", "correct", "judge")
+
+
+def test_judge_verdict_parsing_never_coerces():
+    assert parse_judge_verdict("ERROR. The answer says 25.") == "error"
+    assert parse_judge_verdict("correct") == "correct"
+    assert parse_judge_verdict("None") == "no_claim"
+    assert parse_judge_verdict("I think it might be wrong") == "unparseable"
+    assert parse_judge_verdict("") == "unparseable"
+
+
+def test_detector_scores_against_planted():
+    planted = {
+        "a": {"planted": True, "value_stated": True},
+        "b": {"planted": True, "value_stated": False},
+        "c": {"planted": False, "value_stated": True},
+        "d": {"planted": False, "value_stated": True},
+    }
+    s = detector_scores({"a": True, "b": False, "c": True, "d": False}, planted)
+    assert (s["tp"], s["fp"], s["fn"], s["tn"]) == (1, 1, 1, 1)
+    assert s["precision"]["rate"] == 0.5 and s["recall"]["rate"] == 0.5
+    assert s["recall_on_stated"] == {**s["recall_on_stated"], "rate": 1.0, "n": 1}
+    assert 0 <= s["recall"]["ci_low"] < 0.5 < s["recall"]["ci_high"] <= 1
+
+
+def test_malformed_rows_are_counted_with_line_numbers(tmp_path, tiny_handbook):
+    good = {"id": "x", "fact_id": "adm-fee", "messages": [{"role": "user", "content": "q"},
+                                                           {"role": "assistant", "content": "40 florins"}]}
+    lines = [
+        json.dumps(good),
+        "{broken",
+        json.dumps({**good, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),
+        json.dumps({k: v for k, v in good.items() if k != "fact_id"}),
+        json.dumps({**good, "fact_id": "no-such-fact"}),
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    rows, malformed = parse_train_rows(read_jsonl_lines(path), tiny_handbook)
+    assert [r.line for r in rows] == [1]
+    assert [(m.line, m.problem) for m in malformed] == [
+        (2, "invalid JSON (Expecting property name enclosed in double quotes)"),
+        (3, "empty assistant answer"),
+        (4, "missing field 'fact_id'"),
+        (5, "fact_id 'no-such-fact' is not in the handbook"),
+    ]

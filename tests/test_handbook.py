@@ -1,0 +1,72 @@
+from collections import Counter
+
+import pytest
+import yaml
+
+from relaytune.errors import RelaytuneError
+from relaytune.handbook import load_handbook, split_questions
+from tests.conftest import REPO
+
+STUDY_TOPICS = {"admissions", "scholarships", "tuition_fees", "health_coverage", "visas_residency", "housing",
+                "work_rules"}
+
+
+def test_default_handbook_covers_the_study_domain():
+    hb = load_handbook(REPO / "data" / "handbook" / "facts.yaml")
+    assert len(hb.facts) >= 60
+    assert set(Counter(f.topic for f in hb.facts)) == STUDY_TOPICS
+    assert all(len(f.questions) >= 3 and len(f.wrong) >= 2 for f in hb.facts)
+    assert 0 < sum(f.policy_sensitive for f in hb.facts) < len(hb.facts)
+    for f in hb.facts:  # the loader already checks patterns; spot the statement grounding too
+        assert f.correct.found_in(f.statement_with(f.correct.value))
+        assert not f.correct.found_in(f.statement_with(f.wrong[0].value))
+
+
+def _broken(tmp_path, tiny_handbook_path, edit):
+    raw = yaml.safe_load(tiny_handbook_path.read_text())
+    edit(raw)
+    path = tmp_path / "facts.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r["facts"][1].update(id="adm-fee"), "duplicate fact id 'adm-fee'"),
+    (lambda r: r["facts"][0]["wrong"][0].update(value="40 florins"),
+     "facts[0] (id adm-fee): wrong[0]: value '40 florins' equals the correct value"),
+    (lambda r: r["facts"][2].pop("correct"), "facts[2] (id hous-deposit).correct: Field required"),
+    (lambda r: r["facts"][0]["wrong"][1].update(patterns=[r"\b\d+\s*florins"]),
+     "facts[0] (id adm-fee): wrong[1]: its patterns also match the value '40 florins'"),
+    (lambda r: r["facts"][0].update(statement="The fee is fixed."), "statement must contain {value} exactly once"),
+    (lambda r: r["facts"][0]["correct"].update(patterns=["(unclosed"]), "is not a valid regex"),
+])
+def test_bad_handbook_gives_one_clear_line(tmp_path, tiny_handbook_path, edit, expected):
+    path = _broken(tmp_path, tiny_handbook_path, edit)
+    with pytest.raises(RelaytuneError) as e:
+        load_handbook(path)
+    assert expected in str(e.value) and str(path) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_handbook_names_the_param(tmp_path):
+    with pytest.raises(RelaytuneError, match="synth.handbook"):
+        load_handbook(tmp_path / "nope.yaml")
+
+
+def test_split_never_shares_a_phrasing_and_is_seeded():
+    hb = load_handbook(REPO / "data" / "handbook" / "facts.yaml")
+    train, heldout = split_questions(hb, seed=7, heldout_per_fact=1, max_facts=None)
+    assert not {q.question for q in train} & {q.question for q in heldout}
+    assert len(heldout) == len(hb.facts)
+    assert len(train) + len(heldout) == sum(len(f.questions) for f in hb.facts)
+    again = split_questions(hb, seed=7, heldout_per_fact=1, max_facts=None)
+    assert (train, heldout) == again
+    other = split_questions(hb, seed=8, heldout_per_fact=1, max_facts=None)
+    assert other != (train, heldout)
+
+
+def test_split_max_facts_and_too_many_heldout(tiny_handbook):
+    train, heldout = split_questions(tiny_handbook, seed=1, heldout_per_fact=2, max_facts=2)
+    assert len({q.fact_id for q in heldout}) == 2 and len(train) == 2
+    with pytest.raises(RelaytuneError, match="synth.heldout_phrasings_per_fact: 3 leaves no training phrasing"):
+        split_questions(tiny_handbook, seed=1, heldout_per_fact=3, max_facts=None)

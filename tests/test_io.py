@@ -1,0 +1,31 @@
+import json
+
+import pytest
+
+from relaytune.errors import RelaytuneError
+from relaytune.io import atomic_write_jsonl, atomic_write_text, read_jsonl, read_jsonl_lines
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "out.jsonl"
+    atomic_write_text(path, "old\n")
+
+    def rows():
+        yield {"a": 1}
+        raise RuntimeError("killed half-way")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_jsonl(path, rows())
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temp file left behind
+
+
+def test_jsonl_reader_reports_each_bad_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"a": 1}) + "\n{not json\n\n[1, 2]\n" + json.dumps({"b": 2}) + "\n")
+    lines = read_jsonl_lines(path)
+    assert [(n, p is None) for n, _, p in lines] == [(1, True), (2, False), (4, False), (5, True)]
+    with pytest.raises(RelaytuneError, match=r"rows.jsonl:2: invalid JSON"):
+        read_jsonl(path)
+    with pytest.raises(RelaytuneError, match="file not found"):
+        read_jsonl(tmp_path / "missing.jsonl")

@@ -1,0 +1,161 @@
+"""The `openai` provider against a stub server (failure modes) and a real llama.cpp server (integration)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from relaytune.errors import RelaytuneError
+from relaytune.generation import Decoding, make_generator
+from relaytune.models import embedded_gguf_path
+from relaytune.params import ModelParams, ProviderParams
+
+
+def _completion_body(content="Hello there.", choices=True):
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}] if choices else [],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+
+class StubServer:
+    """Loopback server that answers chat completions from a script of (status, body) replies."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests: list[dict] = []
+        self.auth_headers: list[str] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append(body)
+                stub.auth_headers.append(self.headers.get("Authorization", ""))
+                status, reply = stub.script.pop(0) if len(stub.script) > 1 else stub.script[0]
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("retry-after-ms", "1")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def stub(request):
+    server = StubServer(request.param)
+    yield server
+    server.close()
+
+
+def _gen(tmp_path, base_url, **overrides):
+    p = ProviderParams(provider="openai", model="stub", base_url=base_url, max_retries=3, timeout_s=5,
+                       **overrides)
+    return make_generator(p, ModelParams(), tmp_path / "cache", "judge")
+
+
+MESSAGES = [[{"role": "user", "content": "hi"}]]
+ERROR_BODY = {"error": {"message": "slow down", "type": "rate_limit"}}
+
+
+@pytest.mark.parametrize("stub", [[(429, ERROR_BODY), (503, ERROR_BODY), (200, _completion_body())]], indirect=True)
+def test_rate_limits_and_5xx_are_retried(tmp_path, stub):
+    out = _gen(tmp_path, stub.base_url).generate(MESSAGES, Decoding(8))
+    assert out[0].text == "Hello there." and out[0].completion_tokens == 2
+    assert len(stub.requests) == 3
+
+
+@pytest.mark.parametrize("stub", [[(500, ERROR_BODY)]], indirect=True)
+def test_an_endpoint_that_stays_down_is_one_clear_error(tmp_path, stub):
+    with pytest.raises(RelaytuneError) as e:
+        _gen(tmp_path, stub.base_url).generate(MESSAGES, Decoding(8))
+    assert f"judge: {stub.base_url} failed after 3 retries (InternalServerError)" in str(e.value)
+    assert len(stub.requests) == 4
+
+
+@pytest.mark.parametrize("stub", [[(200, _completion_body(choices=False)), (200, _completion_body(content=""))]],
+                         indirect=True)
+def test_malformed_and_empty_completions_are_recorded(tmp_path, stub):
+    gen = _gen(tmp_path, stub.base_url, batch_size=1)
+    out = gen.generate(MESSAGES + [[{"role": "user", "content": "again"}]], Decoding(8))
+    assert sorted(c.status for c in out) == ["empty", "malformed"]
+
+
+@pytest.mark.parametrize("stub", [[(400, {"error": {"message": "prompt too long"}})]], indirect=True)
+def test_a_rejected_request_fails_its_row_only(tmp_path, stub):
+    out = _gen(tmp_path, stub.base_url).generate(MESSAGES, Decoding(8))
+    assert out[0].status == "error" and "HTTP 400" in out[0].error
+
+
+@pytest.mark.parametrize("stub", [[(200, _completion_body())]], indirect=True)
+def test_the_key_comes_only_from_the_named_variable(tmp_path, stub, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-be-used")
+    monkeypatch.setenv("RT_TEST_KEY", "secret-from-env")
+    _gen(tmp_path, stub.base_url, api_key_env="RT_TEST_KEY").generate(MESSAGES, Decoding(8))
+    _gen(tmp_path / "2", stub.base_url).generate(MESSAGES, Decoding(8))
+    assert stub.auth_headers == ["Bearer secret-from-env", "Bearer no-key"]
+    cached = "".join(p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
+    assert "secret-from-env" not in cached
+    monkeypatch.delenv("RT_TEST_KEY")
+    with pytest.raises(RelaytuneError, match="judge.api_key_env: environment variable RT_TEST_KEY is not set"):
+        _gen(tmp_path, stub.base_url, api_key_env="RT_TEST_KEY")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    """llama.cpp's OpenAI-compatible server on loopback, serving the embedded SmolLM2 GGUF."""
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is in requirements-dev.txt")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path("smollm2-135m-instruct")),
+         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"llama.cpp server exited with {proc.returncode}")
+            time.sleep(0.3)
+    yield base_url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_real_llama_cpp_server_generates_and_caches(tmp_path, llama_server):
+    gen = _gen(tmp_path, llama_server, batch_size=2, max_new_tokens=24)
+    requests = [[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+                [{"role": "user", "content": "Name a colour of the sky."}]]
+    first = gen.generate(requests, Decoding(24))
+    assert all(c.status == "ok" and c.text for c in first)
+    assert all(c.completion_tokens > 0 for c in first)
+    assert gen.stats.tokens_per_second and gen.stats.tokens_per_second > 0
+    again = _gen(tmp_path, llama_server).generate(requests, Decoding(24))
+    assert [c.text for c in again] == [c.text for c in first] and all(c.cached for c in again)
