@@ -135,6 +135,9 @@ def detector_scores(flagged: dict[str, bool], planted: dict[str, dict]) -> dict:
         # Planted rows whose answer really states the wrong value: what a perfect value-matcher could find.
         "recall_on_stated": proportion(sum(flagged[i] for i in stated), len(stated)),
         "tp": tp, "fp": fp, "fn": fn, "tn": len(ids) - tp - fp - fn,
+        # Flagged unplanted rows whose teacher never stated the value it was given: likely the teacher's own error.
+        "fp_teacher_deviated": sum(flagged[i] and not planted[i]["planted"] and not planted[i]["value_stated"]
+                                   for i in ids),
     }
 
 

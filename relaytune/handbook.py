@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RelaytuneError
+from .io import read_yaml
 
 
 class _Strict(BaseModel):
@@ -115,14 +115,7 @@ def _where(raw: dict, loc: tuple) -> str:
 
 
 def load_handbook(path: str | Path) -> Handbook:
-    path = Path(path)
-    if not path.exists():
-        raise RelaytuneError(f"{path}: handbook not found (param synth.handbook)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise RelaytuneError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
+    raw = read_yaml(path, missing="handbook not found (param synth.handbook)")
     if not isinstance(raw, dict):
         raise RelaytuneError(f"{path}: expected a mapping with name, institution, jurisdiction and facts")
     try:

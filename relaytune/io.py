@@ -50,6 +50,21 @@ def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def read_yaml(path: str | Path, missing: str = "file not found") -> Any:
+    """A YAML file's content; a missing file or a syntax error is one line naming the file (and line)."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise RelaytuneError(f"{path}: {missing}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise RelaytuneError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', None) or 'syntax error'})") from None
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():

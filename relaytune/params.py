@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RelaytuneError
+from .io import read_yaml
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -179,15 +179,7 @@ def parse_params(raw: dict | None, source: str = "params.yaml") -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    if not path.exists():
-        raise RelaytuneError(f"{path}: file not found (run stages from the repository root)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise RelaytuneError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, missing="file not found (run stages from the repository root)")
     if raw is not None and not isinstance(raw, dict):
         raise RelaytuneError(f"{path}: top level must be a mapping of sections")
     return parse_params(raw, str(path))

@@ -59,6 +59,9 @@ def test_detector_scores_against_planted():
     }
     s = detector_scores({"a": True, "b": False, "c": True, "d": False}, planted)
     assert (s["tp"], s["fp"], s["fn"], s["tn"]) == (1, 1, 1, 1)
+    assert s["fp_teacher_deviated"] == 0
+    planted["c"]["value_stated"] = False
+    assert detector_scores({"a": True, "b": False, "c": True, "d": False}, planted)["fp_teacher_deviated"] == 1
     assert s["precision"]["rate"] == 0.5 and s["recall"]["rate"] == 0.5
     assert s["recall_on_stated"] == {**s["recall_on_stated"], "rate": 1.0, "n": 1}
     assert 0 <= s["recall"]["ci_low"] < 0.5 < s["recall"]["ci_high"] <= 1
