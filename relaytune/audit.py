@@ -9,6 +9,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from .errors import RelaytuneError
 from .generation import Decoding, Messages, TextGenerator
 from .handbook import Fact, Handbook
 from .params import AuditParams
@@ -171,3 +172,39 @@ def audit_summary(rows: list[AuditRow], malformed: list[MalformedRow], pattern_l
 def item_row(r: AuditRow, pattern_label: str, judge_label: str | None, flagged: bool) -> dict:
     return {"line": r.line, "id": r.id, "fact_id": r.fact_id, "topic": r.topic, "question": r.question,
             "answer": r.answer, "pattern_label": pattern_label, "judge_label": judge_label, "flagged": flagged}
+
+
+@dataclass
+class AuditResult:
+    rows_out: list[dict]  # what training reads
+    items: list[dict]  # one verdict per row, malformed rows included
+    summary: dict  # metrics
+
+
+def check_malformed(rows: list[AuditRow], malformed: list[MalformedRow], source: str, max_fraction: float) -> None:
+    n_lines = len(rows) + len(malformed)
+    if n_lines == 0:
+        raise RelaytuneError(f"{source}: no rows to audit")
+    if len(malformed) / n_lines > max_fraction:
+        first = "; ".join(f"line {m.line}: {m.problem}" for m in malformed[:3])
+        raise RelaytuneError(f"{source}: {len(malformed)} of {n_lines} rows malformed, above "
+                             f"audit.max_malformed_fraction={max_fraction} ({first})")
+
+
+def run_audit(rows: list[AuditRow], malformed: list[MalformedRow], handbook: Handbook, p: AuditParams,
+              judge: TextGenerator | None, planted: dict[str, dict], seed: int) -> AuditResult:
+    pattern_labels = [classify_answer(handbook.fact(r.fact_id), r.answer) for r in rows]
+    judge_labels = judge_rows(rows, handbook, judge, p, seed) if judge is not None else None
+    per_row_judge = judge_labels or [None] * len(rows)
+    flagged = [is_flagged(pl, jl, p.flag_by) for pl, jl in zip(pattern_labels, per_row_judge)]
+    rows_out = [r.raw for r, f in zip(rows, flagged) if not (p.drop_flagged and f)]
+    items = [item_row(r, pl, jl, f) for r, pl, jl, f in zip(rows, pattern_labels, per_row_judge, flagged)]
+    items += [{"line": m.line, "malformed": m.problem} for m in malformed]
+    summary = audit_summary(rows, malformed, pattern_labels, judge_labels, flagged, handbook, planted, p.flag_by)
+    summary.update(rows_out=len(rows_out), dropped_flagged=len(rows) - len(rows_out))
+    return AuditResult(rows_out, items, summary)
+
+
+def by_topic_table(summary: dict) -> list[dict]:
+    return [{"topic": t, "error_rate": r["rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": r["n"]}
+            for t, r in summary["by_topic"].items()]

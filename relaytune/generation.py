@@ -88,7 +88,10 @@ class GenerationCache:
 
     @staticmethod
     def key(provider: str, model_id: str, messages: Messages, decoding: Decoding) -> str:
-        blob = json.dumps({"provider": provider, "model": model_id, "messages": messages, "decoding": asdict(decoding)},
+        fields = asdict(decoding)
+        if decoding.temperature == 0:  # greedy output does not depend on the seed: a new seed reuses it
+            fields.pop("seed")
+        blob = json.dumps({"provider": provider, "model": model_id, "messages": messages, "decoding": fields},
                           sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 

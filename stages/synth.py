@@ -1,18 +1,14 @@
 """synth: the teacher writes advice answers for training and held-out questions, with planted errors."""
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relaytune.generation import make_generator  # noqa: E402
-from relaytune.handbook import load_handbook, split_questions  # noqa: E402
-from relaytune.io import atomic_write_json, atomic_write_jsonl  # noqa: E402
-from relaytune.params import load_params  # noqa: E402
-from relaytune.provenance import provenance  # noqa: E402
-from relaytune.stage import run_stage  # noqa: E402
-from relaytune.synth import (assign_values, ground_truth_row, heldout_row, run_teacher, synth_summary,  # noqa: E402
+from relaytune.generation import make_generator
+from relaytune.handbook import load_handbook, split_questions
+from relaytune.io import atomic_write_json, atomic_write_jsonl
+from relaytune.params import load_params
+from relaytune.provenance import provenance
+from relaytune.stage import run_stage
+from relaytune.synth import (assign_values, ground_truth_row, heldout_row, run_teacher, synth_summary,
                              train_row)
 
 CACHE_DIR = "cache/synth"

@@ -49,6 +49,8 @@ def test_decoding_and_messages_are_part_of_the_key(tmp_path):
     gen.generate(_requests(2), Decoding(16, temperature=0.7, seed=1))
     gen.generate(_requests(2), Decoding(32))
     assert sum(backend.calls) == 6
+    gen.generate(_requests(2), Decoding(16, seed=99))  # greedy: the seed changes nothing
+    assert sum(backend.calls) == 6
     assert GenerationCache.key("a", "m", _requests(1)[0], Decoding(16)) != GenerationCache.key(
         "b", "m", _requests(1)[0], Decoding(16))
 

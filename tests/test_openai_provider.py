@@ -1,13 +1,9 @@
 """The `openai` provider against a stub server (failure modes) and a real llama.cpp server (integration)."""
 
-import json
-import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -15,47 +11,7 @@ from relaytune.errors import RelaytuneError
 from relaytune.generation import Decoding, make_generator
 from relaytune.models import embedded_gguf_path
 from relaytune.params import ModelParams, ProviderParams
-
-
-def _completion_body(content="Hello there.", choices=True):
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}] if choices else [],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
-
-
-class StubServer:
-    """Loopback server that answers chat completions from a script of (status, body) replies."""
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.requests: list[dict] = []
-        self.auth_headers: list[str] = []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append(body)
-                stub.auth_headers.append(self.headers.get("Authorization", ""))
-                status, reply = stub.script.pop(0) if len(stub.script) > 1 else stub.script[0]
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("retry-after-ms", "1")
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
-
-    def close(self):
-        self.server.shutdown()
+from tests.stub_server import StubServer, completion_body
 
 
 @pytest.fixture
@@ -75,7 +31,7 @@ MESSAGES = [[{"role": "user", "content": "hi"}]]
 ERROR_BODY = {"error": {"message": "slow down", "type": "rate_limit"}}
 
 
-@pytest.mark.parametrize("stub", [[(429, ERROR_BODY), (503, ERROR_BODY), (200, _completion_body())]], indirect=True)
+@pytest.mark.parametrize("stub", [[(429, ERROR_BODY), (503, ERROR_BODY), (200, completion_body())]], indirect=True)
 def test_rate_limits_and_5xx_are_retried(tmp_path, stub):
     out = _gen(tmp_path, stub.base_url).generate(MESSAGES, Decoding(8))
     assert out[0].text == "Hello there." and out[0].completion_tokens == 2
@@ -90,7 +46,7 @@ def test_an_endpoint_that_stays_down_is_one_clear_error(tmp_path, stub):
     assert len(stub.requests) == 4
 
 
-@pytest.mark.parametrize("stub", [[(200, _completion_body(choices=False)), (200, _completion_body(content=""))]],
+@pytest.mark.parametrize("stub", [[(200, completion_body(choices=False)), (200, completion_body(content=""))]],
                          indirect=True)
 def test_malformed_and_empty_completions_are_recorded(tmp_path, stub):
     gen = _gen(tmp_path, stub.base_url, batch_size=1)
@@ -104,7 +60,7 @@ def test_a_rejected_request_fails_its_row_only(tmp_path, stub):
     assert out[0].status == "error" and "HTTP 400" in out[0].error
 
 
-@pytest.mark.parametrize("stub", [[(200, _completion_body())]], indirect=True)
+@pytest.mark.parametrize("stub", [[(200, completion_body())]], indirect=True)
 def test_the_key_comes_only_from_the_named_variable(tmp_path, stub, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-be-used")
     monkeypatch.setenv("RT_TEST_KEY", "secret-from-env")

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from tests.conftest import FIXTURES, copy_repo
+from tests.stub_server import StubServer, completion_body
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def repo(tmp_path):
 
 
 def run_stage(root, name):
-    return subprocess.run([sys.executable, f"stages/{name}.py"], cwd=root, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=root, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -103,3 +104,33 @@ def test_audit_counts_tolerated_malformed_rows_and_gates_on_one_param(repo):
     assert kept == [f"r{i}" for i in range(8)]
     provenance = json.loads((repo / "metrics" / "provenance" / "audit.json").read_text())
     assert provenance["seed"] == 1234 and provenance["libraries"]["pydantic"]
+
+
+def test_audit_judge_second_opinion_through_an_openai_endpoint(repo):
+    rows = [row(0, "The fee is 40 florins."), row(1, "You pay 25 florins."), row(2, "Ask the office."),
+            row(3, "It is 40 florins.")]
+    planted = [{"id": f"r{i}", "planted": i in (1, 2), "value_stated": i == 1} for i in range(4)]
+    write_synth_outputs(repo, rows, planted)
+    # Replies are consumed in request order; the judge runs one request at a time here.
+    server = StubServer([(200, completion_body(v)) for v in ["CORRECT", "ERROR.", "ERROR", "hmm, unsure"]])
+    try:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["audit"].update(flag_by="either", judge={
+            "provider": "openai", "model": "judge", "base_url": server.base_url, "batch_size": 1,
+            "max_retries": 0})
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        result = run_stage(repo, "audit")
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((repo / "metrics" / "audit.json").read_text())
+    assert metrics["judge"]["unparseable"] == 1
+    assert sum(metrics["judge"]["labels"].values()) == 4
+    items = {i["id"]: i for i in map(json.loads, (repo / "reports/items/audit.jsonl").read_text().splitlines())}
+    judged = {i["id"]: i["judge_label"] for i in items.values()}
+    assert sorted(judged.values()) == ["correct", "error", "error", "unparseable"]
+    # either: the pattern flags r1; whichever rows the judge called an error are flagged too
+    for i in items.values():
+        assert i["flagged"] == (i["pattern_label"] in ("error", "mixed") or i["judge_label"] == "error")
+    assert metrics["error_rate"]["k"] == sum(i["flagged"] for i in items.values())
+    assert json.loads((repo / "metrics/provenance/audit.json").read_text())["judge"]["base_url"] == server.base_url
