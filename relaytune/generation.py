@@ -85,6 +85,12 @@ class GenerationCache:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Also keeps the folder non-empty, which DVC wants of a declared output.
+        readme = self.directory / "README.txt"
+        if not readme.exists():
+            readme.write_text("relaytune completion cache: one JSON file per request, keyed by a hash of "
+                              "(provider, model, messages, decoding). Safe to delete; it only saves time.\n")
 
     @staticmethod
     def key(provider: str, model_id: str, messages: Messages, decoding: Decoding) -> str:
