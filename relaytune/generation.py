@@ -85,12 +85,6 @@ class GenerationCache:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        # Also keeps the folder non-empty, which DVC wants of a declared output.
-        readme = self.directory / "README.txt"
-        if not readme.exists():
-            readme.write_text("relaytune completion cache: one JSON file per request, keyed by a hash of "
-                              "(provider, model, messages, decoding). Safe to delete; it only saves time.\n")
 
     @staticmethod
     def key(provider: str, model_id: str, messages: Messages, decoding: Decoding) -> str:
@@ -269,9 +263,17 @@ class OpenAIBackend:
             return list(pool.map(lambda m: self.complete_one(m, decoding), batch))
 
 
-def make_generator(p: ProviderParams, model: ModelParams, cache_dir: str | Path, where: str) -> TextGenerator:
+def completions_cache_dir() -> Path:
+    """Shared by every stage, experiment and clone on this host: the key holds everything that shapes a completion."""
+    from .models import cache_root
+
+    return cache_root() / "completions"
+
+
+def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir: str | Path | None = None
+                   ) -> TextGenerator:
     """`where` is the params path of `p` (e.g. "synth.teacher"), used in error messages."""
-    cache = GenerationCache(cache_dir)
+    cache = GenerationCache(cache_dir or completions_cache_dir())
     if p.provider == "openai":
         backend = OpenAIBackend(p, where)  # checks the key now, before any work
         info = {"provider": "openai", "model": p.model, "base_url": backend.base_url, "content_hash": None, "dtype": None}

@@ -104,14 +104,39 @@ class LoraParams(StrictModel):
 
 class TrainParams(StrictModel):
     method: Literal["qlora", "lora", "full"] = "qlora"
-    epochs: int = Field(3, ge=1, le=3)
+    epochs: int = Field(3, ge=1, le=3)  # dvc.yaml has one stage per epoch: train_epoch1..3
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    # Rows per optimizer step, whatever micro-batch a host runs (the host profile sets that).
     effective_batch_size: int = Field(8, ge=1)
     max_seq_len: int = Field(512, ge=16)
+    # A row longer than max_seq_len: `truncate` cuts it and counts it in the metrics; `fail` stops the stage.
+    overflow: Literal["truncate", "fail"] = "truncate"
+    # Concatenate short rows into one sequence without padding (attention stays within each row).
+    packing: bool = False
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
+    # What epoch N hands to N+1: `state` = adapter + optimizer + scheduler + RNG (exact continuation);
+    # `adapter` = the adapter only, as the original study did (optimizer moments and RNG start fresh).
+    handoff: Literal["state", "adapter"] = "state"
+    # Save resumable state every K optimizer steps inside an epoch (null: only at its end). Not a DVC dep:
+    # it does not change the math.
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+
+
+# The params that define what training computes: DVC deps of every epoch and the params hash in its manifest.
+# Knobs that only fit a run to a host live in the host profile (relaytune/host.py) and are left out on purpose.
+TRAIN_MATH_PARAMS = [
+    "seed", "model.base", "model.revision", "model.trust_remote_code", "lora",
+    "train.method", "train.epochs", "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio",
+    "train.weight_decay", "train.max_grad_norm", "train.effective_batch_size", "train.max_seq_len",
+    "train.overflow", "train.packing", "train.quant_type", "train.double_quant", "train.handoff",
+]
+# The base model enters a manifest by its content hash, so where it lives (a path differs across hosts) is left out.
+PARAMS_HASH_KEYS = [k for k in TRAIN_MATH_PARAMS if not k.startswith("model.")]
 
 
 class EvalParams(StrictModel):
@@ -154,14 +179,14 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def describe_validation_error(err: ValidationError, source: str) -> str:
+def describe_validation_error(err: ValidationError, source: str, schema: type[BaseModel] | None = None) -> str:
     """Pydantic's errors as one line: `params.yaml: lora.r: Input should be >= 1 (got 0)`."""
     parts = []
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
         key = ".".join(str(x) for x in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(Params, loc)
+            allowed = _allowed_keys(schema or Params, loc)
             parts.append(f"{key}: unknown key (allowed: {', '.join(allowed)})")
         else:
             msg = e["msg"].removeprefix("Value error, ")
@@ -183,3 +208,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise RelaytuneError(f"{path}: top level must be a mapping of sections")
     return parse_params(raw, str(path))
+
+
+def select_params(params: Params, keys: list[str]) -> dict:
+    """The values of dotted keys, e.g. ["seed", "train.method"] -> {"seed": 1234, "train.method": "qlora"}."""
+    dumped = params.model_dump(mode="json")
+    out = {}
+    for key in keys:
+        value = dumped
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out

@@ -3,7 +3,7 @@
 import logging
 
 from relaytune.audit import by_topic_table, check_malformed, parse_train_rows, run_audit
-from relaytune.generation import GenerationCache, make_generator
+from relaytune.generation import make_generator
 from relaytune.handbook import load_handbook
 from relaytune.io import atomic_write_csv, atomic_write_json, atomic_write_jsonl, read_jsonl, read_jsonl_lines
 from relaytune.params import load_params
@@ -12,7 +12,6 @@ from relaytune.stage import run_stage
 
 SYNTH_TRAIN = "data/synth/train.jsonl"
 PLANTED = "data/synth/planted.jsonl"
-CACHE_DIR = "cache/audit"
 TRAIN_OUT = "data/audit/train.jsonl"
 ITEMS = "reports/items/audit.jsonl"
 METRICS = "metrics/audit.json"
@@ -30,8 +29,7 @@ def main() -> None:
     for m in malformed:
         log.warning("%s:%d: malformed row: %s", SYNTH_TRAIN, m.line, m.problem)
     check_malformed(rows, malformed, SYNTH_TRAIN, p.max_malformed_fraction)
-    GenerationCache(CACHE_DIR)  # a declared output, so it exists even while audit.judge is off
-    judge = make_generator(p.judge, params.model, CACHE_DIR, "audit.judge") if p.judge else None
+    judge = make_generator(p.judge, params.model, "audit.judge") if p.judge else None
     # The planted-errors file only scores the audit; classification never sees it.
     result = run_audit(rows, malformed, handbook, p, judge, {g["id"]: g for g in read_jsonl(PLANTED)}, params.seed)
 

@@ -11,7 +11,6 @@ from relaytune.stage import run_stage
 from relaytune.synth import (assign_values, ground_truth_row, heldout_row, run_teacher, synth_summary,
                              train_row)
 
-CACHE_DIR = "cache/synth"
 TRAIN = "data/synth/train.jsonl"
 HELDOUT = "data/synth/heldout.jsonl"
 PLANTED = "data/synth/planted.jsonl"
@@ -26,7 +25,7 @@ def main() -> None:
     handbook = load_handbook(p.handbook)
     train_questions, heldout_questions = split_questions(handbook, params.seed, p.heldout_phrasings_per_fact,
                                                          p.max_facts)
-    teacher = make_generator(p.teacher, params.model, CACHE_DIR, "synth.teacher")
+    teacher = make_generator(p.teacher, params.model, "synth.teacher")
     train = run_teacher(assign_values(train_questions, handbook, p.error_rate, params.seed), handbook, teacher, p,
                         params.seed, "synth train")
     # References for held-out questions are always grounded on the correct value.

@@ -32,7 +32,7 @@ def copy_repo(dest: Path) -> Path:
     for name in ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "relaytune", "stages", "data/handbook", ".dvc"]:
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "config.local"))
         elif src.exists():
             shutil.copy2(src, dest / name)
     return dest
@@ -45,3 +45,52 @@ def base_model():
     from relaytune.params import ModelParams
 
     return resolve_base_model(ModelParams())
+
+
+@pytest.fixture(scope="session")
+def tiny_base(base_model, tmp_path_factory):
+    """A randomly initialised 2-layer Llama (hidden 64) with SmolLM2's tokenizer: QLoRA steps in milliseconds."""
+    from bench.tiny_model import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-base"), base_model.path)
+
+
+def write_training_rows(path: Path, n: int, answer_words: int = 12) -> None:
+    """n short chat rows in the audit stage's output format."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"row-{i}", "fact_id": "adm-fee", "topic": "admissions",
+             "messages": [{"role": "user", "content": f"Question number {i}: how much is the fee?"},
+                          {"role": "assistant", "content": " ".join(["The fee is 40 florins."] * (1 + i % 3))
+                           + " extra" * (answer_words - 5)}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def set_params(root: Path, **dotted) -> None:
+    """Edit params.yaml in place: set_params(root, **{"train.method": "lora"})."""
+    import yaml
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for key, value in dotted.items():
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def subprocess_env(**extra) -> dict:
+    """The current environment (as tests changed it), with this interpreter's bin first on PATH for dvc."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+@pytest.fixture
+def fresh_completions(tmp_path, base_model, monkeypatch) -> Path:
+    """An empty completions cache for this test, sharing the materialised base models."""
+    root = tmp_path / "relaytune-cache"
+    root.mkdir()
+    (root / "models").symlink_to(base_model.path.parent)
+    monkeypatch.setenv("RELAYTUNE_CACHE", str(root))
+    return root / "completions"

@@ -23,7 +23,7 @@ def test_a_local_directory_is_a_base_model_too(base_model):
 
 
 def test_batched_generation_with_the_chat_template(tmp_path, base_model):
-    gen = make_generator(ProviderParams(batch_size=3, max_new_tokens=20), ModelParams(), tmp_path, "synth.teacher")
+    gen = make_generator(ProviderParams(batch_size=3, max_new_tokens=20), ModelParams(), "synth.teacher", tmp_path)
     out = gen.generate(QUESTIONS, Decoding(20))
     assert all(c.status == "ok" and c.text and 0 < c.completion_tokens <= 20 for c in out)
     assert all(c.finish_reason in ("stop", "length") for c in out)
@@ -33,7 +33,7 @@ def test_batched_generation_with_the_chat_template(tmp_path, base_model):
 
 
 def test_sampling_is_seeded(tmp_path, base_model):
-    a = make_generator(ProviderParams(batch_size=3), ModelParams(), tmp_path / "a", "t")
-    b = make_generator(ProviderParams(batch_size=3), ModelParams(), tmp_path / "b", "t")
+    a = make_generator(ProviderParams(batch_size=3), ModelParams(), "t", tmp_path / "a")
+    b = make_generator(ProviderParams(batch_size=3), ModelParams(), "t", tmp_path / "b")
     decoding = Decoding(16, temperature=1.0, top_p=0.95, seed=5)
     assert [c.text for c in a.generate(QUESTIONS, decoding)] == [c.text for c in b.generate(QUESTIONS, decoding)]

@@ -12,16 +12,10 @@ from relaytune.params import ModelParams, ProviderParams
 
 @pytest.fixture
 def tiny_model_dir(tmp_path, base_model):
-    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer and chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A fresh copy per test (one test edits it)."""
+    from bench.tiny_model import make_tiny_llama
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2)
-    out = tmp_path / "tiny"
-    LlamaForCausalLM(config).save_pretrained(out)
-    for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
-        shutil.copy2(base_model.path / name, out / name)
-    return out
+    return make_tiny_llama(tmp_path / "tiny", base_model.path)
 
 
 def _fake_hf_cache(cache, repo_id, model_dir):
@@ -60,7 +54,7 @@ def test_content_hash_changes_with_the_weights(tmp_path, tiny_model_dir):
 
 def test_tiny_random_model_generates_through_the_local_provider(tmp_path, tiny_model_dir):
     gen = make_generator(ProviderParams(model=str(tiny_model_dir), batch_size=2, max_new_tokens=5), ModelParams(),
-                         tmp_path / "cache", "synth.teacher")
+                         "synth.teacher", tmp_path / "cache")
     out = gen.generate([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a longer question"}]],
                        Decoding(5))
     assert all(c.completion_tokens <= 5 for c in out)

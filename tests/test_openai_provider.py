@@ -24,7 +24,7 @@ def stub(request):
 def _gen(tmp_path, base_url, **overrides):
     p = ProviderParams(provider="openai", model="stub", base_url=base_url, max_retries=3, timeout_s=5,
                        **overrides)
-    return make_generator(p, ModelParams(), tmp_path / "cache", "judge")
+    return make_generator(p, ModelParams(), "judge", tmp_path / "cache")
 
 
 MESSAGES = [[{"role": "user", "content": "hi"}]]

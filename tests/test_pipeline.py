@@ -11,13 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_repo
-
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
+from tests.conftest import copy_repo, subprocess_env
 
 def sh(root, *cmd, check=True):
-    result = subprocess.run(list(cmd), cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(list(cmd), cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -43,7 +40,7 @@ def lines(root, path):
     return [json.loads(x) for x in (root / path).read_text().splitlines()]
 
 
-def test_repro_then_exp_run_moves_the_audit_error_rate(tmp_path, base_model):
+def test_repro_then_exp_run_moves_the_audit_error_rate(tmp_path, base_model, fresh_completions):
     root = small_repo(tmp_path, error_rate=0.0)
     sh(root, "dvc", "repro")
     train, heldout, planted = (lines(root, f"data/synth/{n}.jsonl") for n in ("train", "heldout", "planted"))
@@ -73,14 +70,14 @@ def test_repro_then_exp_run_moves_the_audit_error_rate(tmp_path, base_model):
     assert read_json(root, "metrics/audit.json")["auditor"]["recall"]["n"] == after["rows_planted"]
 
 
-def test_killed_synth_resumes_from_its_cache(tmp_path, base_model):
+def test_killed_synth_resumes_from_its_cache(tmp_path, base_model, fresh_completions):
     root = small_repo(tmp_path)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["synth"]["teacher"]["batch_size"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proc = subprocess.Popen(["dvc", "repro", "synth"], cwd=root, env=ENV, start_new_session=True,
+    proc = subprocess.Popen(["dvc", "repro", "synth"], cwd=root, env=subprocess_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cache = root / "cache" / "synth"
+    cache = fresh_completions
     deadline = time.time() + 300
     while time.time() < deadline and len(list(cache.rglob("*.json"))) < 3:
         time.sleep(0.2)

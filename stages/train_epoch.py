@@ -1,0 +1,74 @@
+"""train_epochN: one epoch of fine-tuning that continues models/epoch{N-1} (or a mid-epoch checkpoint)."""
+
+import argparse
+import time
+from pathlib import Path
+
+from relaytune.errors import RelaytuneError
+from relaytune.host import load_host_profile
+from relaytune.io import atomic_write_json
+from relaytune.params import load_params
+from relaytune.stage import run_stage
+from relaytune.train import epoch_metrics, prepare_run, reset_checkpoint_folder, usable_checkpoint
+
+TRAIN_DATA = "data/audit/train.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epoch", type=int, required=True)
+    epoch = parser.parse_args().epoch
+    params = load_params()
+    host = load_host_profile()
+    t = params.train
+    if not 1 <= epoch <= t.epochs:
+        raise RelaytuneError(f"--epoch {epoch}: train.epochs is {t.epochs}")
+    run, truncated = prepare_run(params, host, TRAIN_DATA)
+    parent = Path(f"models/epoch{epoch - 1}") if epoch > 1 else None
+    checkpoint = Path(f"checkpoints/epoch{epoch}")
+    epoch_dir = Path(f"models/epoch{epoch}")
+
+    started = time.perf_counter()
+    run.setup(parent, checkpoint if usable_checkpoint(checkpoint, run.lineage, epoch) else None)
+    with LiveStepLog(epoch, run.state.history) as log_step:
+        report = run.train_epoch(epoch, on_step=log_step, checkpoint_every=t.checkpoint_every_steps,
+                                 checkpoint_dir=checkpoint)
+    wall = time.perf_counter() - started
+    manifest = run.save(epoch_dir, {"kind": "epoch", "wall_seconds": round(wall, 1),
+                                    "tokens_per_second": report.tokens_per_second, "rows_truncated": truncated})
+    reset_checkpoint_folder(checkpoint)
+    atomic_write_json(f"metrics/train_epoch{epoch}.json", {**epoch_metrics(run, report, epoch_dir, truncated),
+                                                          "wall_seconds": round(wall, 1)})
+    atomic_write_json(f"metrics/provenance/train_epoch{epoch}.json",
+                      {k: v for k, v in manifest.items() if k != "files"})
+
+
+class LiveStepLog:
+    """dvclive step logs of this epoch (dvcyaml=False: dvc.yaml stays hand-written). Steps restored from a
+    mid-epoch checkpoint are logged again first, so the curve has no gap and no duplicate."""
+
+    def __init__(self, epoch: int, history: list[dict]):
+        self.epoch = epoch
+        self.history = history
+
+    def __enter__(self):
+        from dvclive import Live
+
+        self.live = Live(f"dvclive/train_epoch{self.epoch}", dvcyaml=False, save_dvc_exp=False, report=None)
+        for record in self.history:
+            if record["epoch"] == self.epoch:
+                self.log(record)
+        return self.log
+
+    def log(self, record: dict) -> None:
+        self.live.step = record["step"]
+        for name in ("loss", "lr", "tokens_per_second"):
+            self.live.log_metric(f"train/{name}", record[name])
+        self.live.log_metric("train/epoch", record["epoch"], plot=False)
+
+    def __exit__(self, *exc):
+        self.live.end()
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,279 @@
+"""Training relay on a tiny random Llama (CPU): exact continuation, host knobs, methods and bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from relaytune.errors import RelaytuneError
+from relaytune.host import HostProfile, load_host_profile
+from relaytune.params import TRAIN_MATH_PARAMS, load_params
+from relaytune.train import collate, prepare_run
+from tests.conftest import REPO, copy_repo, set_params, subprocess_env, write_training_rows
+
+
+@pytest.fixture
+def repo(tmp_path, tiny_base):
+    root = copy_repo(tmp_path / "repo")
+    write_training_rows(root / "data" / "audit" / "train.jsonl", 12)
+    set_params(root, **{"model.base": str(tiny_base), "train.effective_batch_size": 4, "train.max_seq_len": 128,
+                        "lora.r": 4, "lora.alpha": 8})
+    return root
+
+
+def run_epoch(root, epoch, check=True, **env):
+    result = subprocess.run([sys.executable, "-m", "stages.train_epoch", "--epoch", str(epoch)], cwd=root,
+                            env=subprocess_env(**env), capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return result
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [x for x in result.stderr.splitlines() if x.startswith("relaytune: error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+def adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "adapter_model.safetensors")
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def in_process_run(root: Path, epochs: int, host: HostProfile | None = None):
+    """One process training `epochs` epochs back to back, never saving or loading in between."""
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run, _ = prepare_run(load_params("params.yaml"), host or HostProfile(), "data/audit/train.jsonl")
+        run.setup()
+        for epoch in range(1, epochs + 1):
+            run.train_epoch(epoch)
+        return run
+    finally:
+        os.chdir(cwd)
+
+
+def named_adapter(run) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(run.model).items()}
+
+
+def test_relay_of_three_processes_equals_one_uninterrupted_run(repo):
+    for epoch in (1, 2, 3):
+        run_epoch(repo, epoch)
+    relayed = adapter(repo / "models" / "epoch3")
+    reference = in_process_run(repo, 3)
+    assert max_abs_diff(relayed, named_adapter(reference)) <= 1e-6
+    history = json.loads((repo / "models" / "epoch3" / "trainer_state.json").read_text())["history"]
+    assert [h["loss"] for h in history] == [round(h["loss"], 6) for h in reference.state.history]
+    assert [h["step"] for h in history] == list(range(1, 10))
+
+    manifest = json.loads((repo / "models" / "epoch3" / "manifest.json").read_text())
+    assert manifest["epoch"] == 3 and manifest["parent"]["epoch"] == 2
+    assert manifest["lineage"]["base_model_hash"].startswith("sha256:")
+    assert manifest["host"]["accelerator"]["kind"] == "cpu" and manifest["host"]["dtype"] == "float32"
+    metrics = json.loads((repo / "metrics" / "train_epoch1.json").read_text())
+    assert metrics["method"] == "qlora" and metrics["linear_layers_4bit"] == 14  # 7 projections x 2 layers
+    assert metrics["steps"] == 3 and metrics["tokens_per_second"] > 0
+    loss_log = (repo / "dvclive" / "train_epoch2" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+    assert [int(line.split("\t")[0]) for line in loss_log.splitlines()[1:]] == [4, 5, 6]
+
+
+def test_micro_batch_is_a_host_knob_that_keeps_the_math(repo):
+    # Dropout masks depend on tensor shapes, so only a dropout-free run can be compared value by value.
+    set_params(repo, **{"lora.dropout": 0.0})
+    run_epoch(repo, 1, RELAYTUNE_MICRO_BATCH_SIZE="1", RELAYTUNE_GRADIENT_CHECKPOINTING="false")
+    small = adapter(repo / "models" / "epoch1")
+    manifest = json.loads((repo / "models" / "epoch1" / "manifest.json").read_text())
+    assert manifest["host"]["micro_batch_size"] == 1 and manifest["host"]["gradient_accumulation_steps"] == 4
+    assert manifest["host"]["profile"]["gradient_checkpointing"] is False
+    # The continuation with the whole batch at once is accepted: host knobs are not part of the lineage.
+    run_epoch(repo, 2)
+    reference = in_process_run(repo, 1)
+    assert max_abs_diff(small, named_adapter(reference)) < 1e-5
+    history = json.loads((repo / "models" / "epoch1" / "trainer_state.json").read_text())["history"]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in reference.state.history], abs=1e-5)
+
+
+def test_host_profile_file_and_environment(tmp_path):
+    path = tmp_path / "host.yaml"
+    path.write_text("micro_batch_size: 2\ngradient_checkpointing: false\n")
+    assert load_host_profile(path, environ={}).micro_batch_size == 2
+    profile = load_host_profile(path, environ={"RELAYTUNE_MICRO_BATCH_SIZE": "3", "RELAYTUNE_DTYPE": "bfloat16"})
+    assert (profile.micro_batch_size, profile.dtype, profile.gradient_checkpointing) == (3, "bfloat16", False)
+    path.write_text("micro_batch: 2\n")
+    with pytest.raises(RelaytuneError, match="micro_batch: unknown key .allowed: micro_batch_size"):
+        load_host_profile(path, environ={})
+
+
+def test_dvc_yaml_train_stages_depend_on_exactly_the_math_params():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for n in (1, 2, 3):
+        stage = stages[f"train_epoch{n}"]
+        assert stage["params"] == TRAIN_MATH_PARAMS
+        assert ("models/epoch%d" % (n - 1) in stage["deps"]) == (n > 1)
+        assert "train.checkpoint_every_steps" not in stage["params"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_other_methods_train_and_continue(repo, method):
+    set_params(repo, **{"train.method": method})
+    run_epoch(repo, 1)
+    run_epoch(repo, 2)
+    metrics = json.loads((repo / "metrics" / "train_epoch2.json").read_text())
+    assert metrics["method"] == method and metrics["linear_layers_4bit"] == 0
+    files = os.listdir(repo / "models" / "epoch2")
+    assert ("model.safetensors" in files) == (method == "full")
+    assert ("adapter_model.safetensors" in files) == (method == "lora")
+
+
+def test_adapter_handoff_restarts_optimizer_and_schedule(repo):
+    set_params(repo, **{"train.handoff": "adapter"})
+    run_epoch(repo, 1)
+    run_epoch(repo, 2)
+    optimizer = torch.load(repo / "models" / "epoch2" / "optimizer.pt", weights_only=True)
+    steps = {int(s["step"]) for s in optimizer["state"].values()}
+    assert steps == {3}  # AdamW moments restarted at epoch 2: 3 steps, not 6
+    history = json.loads((repo / "models" / "epoch2" / "trainer_state.json").read_text())["history"]
+    lrs = [h["lr"] for h in history]
+    assert lrs[:3] == lrs[3:]  # the schedule restarted too
+
+
+def test_packing_keeps_rows_apart(repo):
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        run, _ = prepare_run(load_params("params.yaml"), HostProfile(), "data/audit/train.jsonl")
+        run.setup()
+    finally:
+        os.chdir(cwd)
+    rows = run.examples[:4]
+    n_answer = sum(sum(1 for t in e.labels[1:] if t != -100) for e in rows)
+    with torch.no_grad():
+        run.model.eval()
+        padded = run.model(**collate(rows, run.tokenizer, packing=False), num_items_in_batch=n_answer).loss
+        packed_batch = collate(rows, run.tokenizer, packing=True)
+        packed = run.model(**packed_batch, num_items_in_batch=n_answer).loss
+    assert packed_batch["input_ids"].shape[0] == 1 and "attention_mask" not in packed_batch
+    assert abs(packed.item() - padded.item()) < 1e-4
+
+
+# ---------------------------------------------------------------- bad inputs: one line, earlier outputs intact
+
+def test_empty_training_file(repo):
+    (repo / "data" / "audit" / "train.jsonl").write_text("")
+    assert "data/audit/train.jsonl: no training rows" in one_error_line(run_epoch(repo, 1, check=False))
+
+
+def test_malformed_training_row_names_its_line(repo):
+    path = repo / "data" / "audit" / "train.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps({"id": "x", "messages": [{"role": "user", "content": "q"}]})
+    path.write_text("\n".join(lines) + "\n")
+    line = one_error_line(run_epoch(repo, 1, check=False))
+    assert "data/audit/train.jsonl:3: messages must end with a non-empty assistant answer" in line
+
+
+def test_overflow_truncates_and_counts_or_fails(repo):
+    set_params(repo, **{"train.max_seq_len": 60})
+    run_epoch(repo, 1)
+    truncated = json.loads((repo / "metrics" / "train_epoch1.json").read_text())["rows_truncated"]
+    assert 0 < truncated < 12
+    set_params(repo, **{"train.overflow": "fail"})
+    line = one_error_line(run_epoch(repo, 1, check=False))
+    assert "tokens, more than train.max_seq_len=60 (train.overflow: fail)" in line
+
+
+def test_missing_parent_epoch(repo):
+    line = one_error_line(run_epoch(repo, 2, check=False))
+    assert "models/epoch1: missing parent epoch" in line
+
+
+def test_corrupted_adapter_is_refused_and_left_as_it_was(repo):
+    run_epoch(repo, 1)
+    path = repo / "models" / "epoch1" / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    line = one_error_line(run_epoch(repo, 2, check=False))
+    assert "models/epoch1/adapter_model.safetensors: corrupted (hash mismatch" in line
+    assert path.read_bytes() == bytes(data) and not (repo / "models" / "epoch2").exists()
+
+
+def test_pickled_optimizer_state_is_never_unpickled(repo):
+    run_epoch(repo, 1)
+    folder = repo / "models" / "epoch1"
+    torch.save({"state": {}, "param_groups": [], "payload": Path("/etc/passwd")}, folder / "optimizer.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    from relaytune.models import sha256_file
+
+    manifest["files"]["optimizer.pt"] = "sha256:" + sha256_file(folder / "optimizer.pt")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    line = one_error_line(run_epoch(repo, 2, check=False))
+    assert "models/epoch1/optimizer.pt: cannot be loaded as plain tensors" in line
+
+
+def test_other_math_params_or_base_model_are_refused_naming_both_hashes(repo, tmp_path, tiny_base):
+    run_epoch(repo, 1)
+    set_params(repo, **{"lora.dropout": 0.1})
+    line = one_error_line(run_epoch(repo, 2, check=False))
+    assert "models/epoch1: made with another math-defining params (sha256:" in line and "than this run's (sha256:" in line
+
+    set_params(repo, **{"lora.dropout": 0.05})
+    other_base = tmp_path / "other-base"
+    import shutil
+
+    shutil.copytree(tiny_base, other_base)
+    weights = load_file(other_base / "model.safetensors")
+    weights = {k: v + 0.01 if "norm" in k else v for k, v in weights.items()}
+    from safetensors.torch import save_file
+
+    save_file(weights, other_base / "model.safetensors", metadata={"format": "pt"})
+    set_params(repo, **{"model.base": str(other_base)})
+    line = one_error_line(run_epoch(repo, 2, check=False))
+    assert "made with another base model" in line
+
+
+def test_out_of_memory_names_what_to_lower(repo, monkeypatch):
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        run, _ = prepare_run(load_params("params.yaml"), HostProfile(), "data/audit/train.jsonl")
+        run.setup()
+    finally:
+        os.chdir(cwd)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run.model, "forward", no_memory)
+    with pytest.raises(RelaytuneError) as e:
+        run.train_epoch(1)
+    message = str(e.value)
+    assert message.startswith("out of memory at step 1 on ")
+    assert "micro_batch_size" in message and "gradient_checkpointing" in message and "train.max_seq_len" in message
+
+
+def test_qlora_without_bitsandbytes_fails_instead_of_becoming_lora(repo, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        run, _ = prepare_run(load_params("params.yaml"), HostProfile(), "data/audit/train.jsonl")
+        with pytest.raises(RelaytuneError, match="train.method=qlora needs bitsandbytes.*train.method=lora"):
+            run.setup()
+    finally:
+        os.chdir(cwd)
