@@ -24,7 +24,8 @@ class HostProfile(StrictModel):
     # Rows per forward/backward; the stage accumulates gradients to reach train.effective_batch_size.
     # null: the whole effective batch in one micro-batch.
     micro_batch_size: int | None = Field(None, ge=1)
-    gradient_checkpointing: bool = True
+    # null: on with a GPU (memory is the budget there), off on a CPU (where it only costs time).
+    gradient_checkpointing: bool | None = None
     # null: transformers' default (sdpa where available).
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     # Training compute dtype: auto = bf16 where the GPU supports it, fp16 with loss scaling on older GPUs
@@ -47,3 +48,7 @@ def load_host_profile(path: str | Path = HOST_PROFILE_FILE, environ: dict | None
         return HostProfile.model_validate(raw)
     except ValidationError as err:
         raise RelaytuneError(describe_validation_error(err, f"{path} / {ENV_PREFIX}* environment", HostProfile)) from None
+
+
+def use_gradient_checkpointing(host: HostProfile, device: str) -> bool:
+    return host.gradient_checkpointing if host.gradient_checkpointing is not None else device == "cuda"

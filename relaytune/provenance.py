@@ -36,7 +36,18 @@ def accelerator() -> dict:
             "count": torch.cuda.device_count(),
             "compute_capability": f"{props.major}.{props.minor}",
         }
-    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    return {"kind": "cpu", "name": cpu_model_name(), "threads": torch.get_num_threads()}
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def inference_dtype(requested: str) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import RelaytuneError
-from .host import HostProfile
+from .host import HostProfile, use_gradient_checkpointing
 from .io import atomic_write_json, read_json, read_jsonl_lines
 from .models import BaseModelRef, resolve_base_model, sha256_file
 from .params import PARAMS_HASH_KEYS, Params, select_params
@@ -255,6 +255,7 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
     from transformers import AutoModelForCausalLM
 
     method = params.train.method
+    checkpointing = use_gradient_checkpointing(host, device)
     kwargs: dict = {"trust_remote_code": params.model.trust_remote_code}
     if host.attn_implementation:
         kwargs["attn_implementation"] = host.attn_implementation
@@ -268,7 +269,7 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
     if method != "qlora":
         model.to(device)
     if method == "full":
-        if host.gradient_checkpointing:
+        if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         return model
@@ -276,9 +277,9 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=host.gradient_checkpointing,
+            model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif host.gradient_checkpointing:
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
@@ -466,6 +467,7 @@ class TrainingRun:
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp.chmod(0o755)
         try:
             if self.params.train.method == "full":
                 self.model.save_pretrained(tmp, safe_serialization=True)
@@ -496,12 +498,14 @@ class TrainingRun:
             "math_params": select_params(self.params, PARAMS_HASH_KEYS),
             "parent": None if self.parent is None else {
                 "epoch": self.parent["epoch"], "host": self.parent["host"]["hostname"],
+                "accelerator": self.parent["host"]["accelerator"]["name"], "dtype": self.parent["host"]["dtype"],
                 "manifest_sha256": hashlib.sha256(json.dumps(self.parent, sort_keys=True).encode()).hexdigest()},
             "host": {
                 "hostname": socket.gethostname(),
                 "accelerator": accelerator(),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "profile": self.host.model_dump(),
+                "gradient_checkpointing": use_gradient_checkpointing(self.host, self.device),
                 "micro_batch_size": self.micro_batch_size,
                 "gradient_accumulation_steps": math.ceil(self.params.train.effective_batch_size / self.micro_batch_size),
                 "peak_memory_gib": peak_memory_gib(self.device),

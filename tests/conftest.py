@@ -1,6 +1,9 @@
 import os
 import shutil
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,23 @@ def fresh_completions(tmp_path, base_model, monkeypatch) -> Path:
     (root / "models").symlink_to(base_model.path.parent)
     monkeypatch.setenv("RELAYTUNE_CACHE", str(root))
     return root / "completions"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, seconds: float = 60) -> None:
+    """Block until a server started as `proc` accepts connections on 127.0.0.1:port."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"{what} exited with {proc.returncode}")
+            time.sleep(0.2)
+    pytest.fail(f"{what} did not open port {port} in {seconds} s")

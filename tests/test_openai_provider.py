@@ -1,9 +1,7 @@
 """The `openai` provider against a stub server (failure modes) and a real llama.cpp server (integration)."""
 
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -11,6 +9,7 @@ from relaytune.errors import RelaytuneError
 from relaytune.generation import Decoding, make_generator
 from relaytune.models import embedded_gguf_path
 from relaytune.params import ModelParams, ProviderParams
+from tests.conftest import free_port, wait_for_port
 from tests.stub_server import StubServer, completion_body
 
 
@@ -74,32 +73,18 @@ def test_the_key_comes_only_from_the_named_variable(tmp_path, stub, monkeypatch)
         _gen(tmp_path, stub.base_url, api_key_env="RT_TEST_KEY")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server():
     """llama.cpp's OpenAI-compatible server on loopback, serving the embedded SmolLM2 GGUF."""
     pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is in requirements-dev.txt")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path("smollm2-135m-instruct")),
          "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    wait_for_port(port, proc, "llama.cpp server")
     base_url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"llama.cpp server exited with {proc.returncode}")
-            time.sleep(0.3)
     yield base_url
     proc.terminate()
     proc.wait(timeout=10)

@@ -4,11 +4,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import copy_repo, subprocess_env

@@ -3,18 +3,16 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from relaytune.train import CHECKPOINT_README
-from tests.conftest import REPO, copy_repo, set_params, subprocess_env, write_training_rows
-from tests.test_train import in_process_run, max_abs_diff, named_adapter
+from tests.conftest import REPO, copy_repo, free_port, set_params, subprocess_env, wait_for_port, write_training_rows
+from tests.test_train import in_process_run, max_abs_diff, named_adapter, prepared_run
 
 GIT = ["git", "-c", "user.name=relaytune-test", "-c", "user.email=test@relaytune.invalid"]
 
@@ -75,18 +73,7 @@ def test_a_stale_checkpoint_is_discarded(tmp_path, tiny_base):
     write_training_rows(root / "data" / "audit" / "train.jsonl", 12)
     set_params(root, **{"model.base": str(tiny_base), "train.effective_batch_size": 4, "lora.r": 4,
                         "train.checkpoint_every_steps": 1})
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        from relaytune.host import HostProfile
-        from relaytune.params import load_params
-        from relaytune.train import prepare_run
-
-        run, _ = prepare_run(load_params("params.yaml"), HostProfile(), "data/audit/train.jsonl")
-        run.setup()
-        run.train_epoch(1, checkpoint_every=1, checkpoint_dir=Path("checkpoints/epoch1"))
-    finally:
-        os.chdir(cwd)
+    prepared_run(root).train_epoch(1, checkpoint_every=1, checkpoint_dir=root / "checkpoints" / "epoch1")
     assert (root / "checkpoints" / "epoch1" / "manifest.json").exists()  # step 2 of 3 was checkpointed
     set_params(root, **{"train.learning_rate": 0.001})
     result = subprocess.run([sys.executable, "-m", "stages.train_epoch", "--epoch", "1"], cwd=root,
@@ -96,27 +83,15 @@ def test_a_stale_checkpoint_is_discarded(tmp_path, tiny_base):
     assert json.loads((root / "metrics" / "train_epoch1.json").read_text())["resumed_from_step"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 server on loopback, with a bucket for the remote."""
     pytest.importorskip("moto.server", reason="moto[server] is in requirements-dev.txt")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, proc, "moto server")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
     import boto3
 
     boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",

@@ -51,18 +51,25 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def in_process_run(root: Path, epochs: int, host: HostProfile | None = None):
-    """One process training `epochs` epochs back to back, never saving or loading in between."""
+def prepared_run(root: Path, host: HostProfile | None = None, setup: bool = True):
+    """The stage's TrainingRun, built in this process from the repo copy at `root`."""
     cwd = os.getcwd()
     os.chdir(root)
     try:
         run, _ = prepare_run(load_params("params.yaml"), host or HostProfile(), "data/audit/train.jsonl")
-        run.setup()
-        for epoch in range(1, epochs + 1):
-            run.train_epoch(epoch)
+        if setup:
+            run.setup()
         return run
     finally:
         os.chdir(cwd)
+
+
+def in_process_run(root: Path, epochs: int, host: HostProfile | None = None):
+    """One process training `epochs` epochs back to back, never saving or loading in between."""
+    run = prepared_run(root, host)
+    for epoch in range(1, epochs + 1):
+        run.train_epoch(epoch)
+    return run
 
 
 def named_adapter(run) -> dict[str, torch.Tensor]:
@@ -96,13 +103,14 @@ def test_micro_batch_is_a_host_knob_that_keeps_the_math(repo):
     # Dropout masks depend on tensor shapes, so only a dropout-free run can be compared value by value.
     set_params(repo, **{"lora.dropout": 0.0})
     run_epoch(repo, 1, RELAYTUNE_MICRO_BATCH_SIZE="1", RELAYTUNE_GRADIENT_CHECKPOINTING="false")
+    # ...and the reference below runs the whole batch at once with checkpointing forced on.
     small = adapter(repo / "models" / "epoch1")
     manifest = json.loads((repo / "models" / "epoch1" / "manifest.json").read_text())
     assert manifest["host"]["micro_batch_size"] == 1 and manifest["host"]["gradient_accumulation_steps"] == 4
-    assert manifest["host"]["profile"]["gradient_checkpointing"] is False
+    assert manifest["host"]["profile"]["gradient_checkpointing"] is False and not manifest["host"]["gradient_checkpointing"]
     # The continuation with the whole batch at once is accepted: host knobs are not part of the lineage.
     run_epoch(repo, 2)
-    reference = in_process_run(repo, 1)
+    reference = in_process_run(repo, 1, HostProfile(gradient_checkpointing=True))
     assert max_abs_diff(small, named_adapter(reference)) < 1e-5
     history = json.loads((repo / "models" / "epoch1" / "trainer_state.json").read_text())["history"]
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in reference.state.history], abs=1e-5)
@@ -153,13 +161,7 @@ def test_adapter_handoff_restarts_optimizer_and_schedule(repo):
 
 
 def test_packing_keeps_rows_apart(repo):
-    cwd = os.getcwd()
-    os.chdir(repo)
-    try:
-        run, _ = prepare_run(load_params("params.yaml"), HostProfile(), "data/audit/train.jsonl")
-        run.setup()
-    finally:
-        os.chdir(cwd)
+    run = prepared_run(repo)
     rows = run.examples[:4]
     n_answer = sum(sum(1 for t in e.labels[1:] if t != -100) for e in rows)
     with torch.no_grad():
@@ -248,13 +250,7 @@ def test_other_math_params_or_base_model_are_refused_naming_both_hashes(repo, tm
 
 
 def test_out_of_memory_names_what_to_lower(repo, monkeypatch):
-    cwd = os.getcwd()
-    os.chdir(repo)
-    try:
-        run, _ = prepare_run(load_params("params.yaml"), HostProfile(), "data/audit/train.jsonl")
-        run.setup()
-    finally:
-        os.chdir(cwd)
+    run = prepared_run(repo)
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -269,11 +265,6 @@ def test_out_of_memory_names_what_to_lower(repo, monkeypatch):
 
 def test_qlora_without_bitsandbytes_fails_instead_of_becoming_lora(repo, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    cwd = os.getcwd()
-    os.chdir(repo)
-    try:
-        run, _ = prepare_run(load_params("params.yaml"), HostProfile(), "data/audit/train.jsonl")
-        with pytest.raises(RelaytuneError, match="train.method=qlora needs bitsandbytes.*train.method=lora"):
-            run.setup()
-    finally:
-        os.chdir(cwd)
+    run = prepared_run(repo, setup=False)
+    with pytest.raises(RelaytuneError, match="train.method=qlora needs bitsandbytes.*train.method=lora"):
+        run.setup()
