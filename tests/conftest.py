@@ -117,3 +117,23 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, seconds: float =
                 pytest.fail(f"{what} exited with {proc.returncode}")
             time.sleep(0.2)
     pytest.fail(f"{what} did not open port {port} in {seconds} s")
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """llama.cpp's OpenAI-compatible server on loopback, serving the embedded SmolLM2 GGUF."""
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is in requirements-dev.txt")
+    from relaytune.models import embedded_gguf_path
+
+    port = free_port()
+    gguf = embedded_gguf_path("smollm2-135m-instruct")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+         "--n_ctx", "2048"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, proc, "llama.cpp server")
+    base_url = f"http://127.0.0.1:{port}/v1"
+    yield base_url
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -16,7 +16,7 @@ class StubServer:
     """Loopback server that answers chat completions from a script of (status, body) replies."""
 
     def __init__(self, script):
-        self.script = list(script)
+        self.script = script if callable(script) else list(script)  # or a function of the request body
         self.requests: list[dict] = []
         self.auth_headers: list[str] = []
         stub = self
@@ -26,7 +26,10 @@ class StubServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append(body)
                 stub.auth_headers.append(self.headers.get("Authorization", ""))
-                status, reply = stub.script.pop(0) if len(stub.script) > 1 else stub.script[0]
+                if callable(stub.script):
+                    status, reply = stub.script(body)
+                else:
+                    status, reply = stub.script.pop(0) if len(stub.script) > 1 else stub.script[0]
                 data = json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

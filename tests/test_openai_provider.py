@@ -1,15 +1,11 @@
 """The `openai` provider against a stub server (failure modes) and a real llama.cpp server (integration)."""
 
-import subprocess
-import sys
 
 import pytest
 
 from relaytune.errors import RelaytuneError
 from relaytune.generation import Decoding, make_generator
-from relaytune.models import embedded_gguf_path
 from relaytune.params import ModelParams, ProviderParams
-from tests.conftest import free_port, wait_for_port
 from tests.stub_server import StubServer, completion_body
 
 
@@ -71,23 +67,6 @@ def test_the_key_comes_only_from_the_named_variable(tmp_path, stub, monkeypatch)
     monkeypatch.delenv("RT_TEST_KEY")
     with pytest.raises(RelaytuneError, match="judge.api_key_env: environment variable RT_TEST_KEY is not set"):
         _gen(tmp_path, stub.base_url, api_key_env="RT_TEST_KEY")
-
-
-@pytest.fixture(scope="module")
-def llama_server():
-    """llama.cpp's OpenAI-compatible server on loopback, serving the embedded SmolLM2 GGUF."""
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is in requirements-dev.txt")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path("smollm2-135m-instruct")),
-         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    wait_for_port(port, proc, "llama.cpp server")
-    base_url = f"http://127.0.0.1:{port}/v1"
-    yield base_url
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def test_real_llama_cpp_server_generates_and_caches(tmp_path, llama_server):

@@ -268,3 +268,9 @@ def test_qlora_without_bitsandbytes_fails_instead_of_becoming_lora(repo, monkeyp
     run = prepared_run(repo, setup=False)
     with pytest.raises(RelaytuneError, match="train.method=qlora needs bitsandbytes.*train.method=lora"):
         run.setup()
+
+
+def test_a_git_repository_without_commits_is_one_clear_line(repo):
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    line = one_error_line(run_epoch(repo, 1, check=False))
+    assert "dvclive cannot start in this git repository (Empty git repo): make a first commit" in line

@@ -1,0 +1,111 @@
+"""What every evaluation stage shares: held-out answers of base and tuned, made once, and paired statistics.
+
+Answers come from the project's generation path with the completion cache in front, so the stages that need the
+same answers (similarity, judge, factuality) generate them once between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from .errors import RelaytuneError
+from .generation import Completion, Decoding, make_generator
+from .io import read_jsonl
+from .params import Params, ProviderParams
+
+MODELS = ("base", "tuned")
+
+
+@dataclass(frozen=True)
+class HeldoutItem:
+    id: str
+    fact_id: str
+    topic: str
+    policy_sensitive: bool
+    question: str
+    reference: str
+
+
+def load_heldout(path: str | Path) -> list[HeldoutItem]:
+    rows = read_jsonl(path)
+    if not rows:
+        raise RelaytuneError(f"{path}: no held-out questions to evaluate")
+    items = []
+    for i, r in enumerate(rows, start=1):
+        missing = [k for k in ("id", "fact_id", "topic", "question", "reference") if k not in r]
+        if missing:
+            raise RelaytuneError(f"{path}:{i}: missing field '{missing[0]}'")
+        items.append(HeldoutItem(r["id"], r["fact_id"], r["topic"], bool(r.get("policy_sensitive")), r["question"],
+                                 r["reference"]))
+    return items
+
+
+def adapter_dir(params: Params) -> Path:
+    folder = Path(f"models/epoch{params.eval.adapter_epoch}")
+    if not (folder / "manifest.json").exists():
+        raise RelaytuneError(f"{folder}: missing (param eval.adapter_epoch={params.eval.adapter_epoch}); run "
+                             f"train_epoch{params.eval.adapter_epoch} or dvc pull it")
+    return folder
+
+
+@dataclass(frozen=True)
+class Answers:
+    which: str  # base | tuned
+    completions: list[Completion]
+    model_info: dict  # base-model hash, adapter and its hash, dtype: for provenance
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.completions]
+
+
+def generate_answers(items: list[HeldoutItem], params: Params, which: str) -> Answers:
+    """Greedy answers of the base model or of base + the evaluated epoch's adapter, as a student would ask."""
+    provider = ProviderParams(max_new_tokens=params.eval.max_new_tokens, batch_size=params.eval.batch_size)
+    adapter = adapter_dir(params) if which == "tuned" else None
+    if adapter is not None and params.train.method == "full":
+        raise RelaytuneError("eval: train.method=full saves whole weights, not an adapter; evaluate them by "
+                             f"setting model.base to {adapter} in a separate experiment")
+    generator = make_generator(provider, params.model, f"eval ({which})", adapter=adapter)
+    requests = [[{"role": "user", "content": item.question}] for item in items]
+    completions = generator.generate(requests, Decoding(params.eval.max_new_tokens), desc=f"answers ({which})")
+    return Answers(which, completions, generator.model_info)
+
+
+def eval_provenance(stage: str, params: Params, answers: dict[str, Answers], extra: dict | None = None) -> dict:
+    from .provenance import provenance
+
+    base = answers["base"].model_info
+    return provenance(stage=stage, seed=params.seed, base_model_hash=base["content_hash"], dtype=base["dtype"],
+                      adapter_parent=answers["tuned"].model_info.get("adapter"),
+                      extra={"models": {w: a.model_info for w, a in answers.items()}, **(extra or {})})
+
+
+def paired_delta(base: np.ndarray, tuned: np.ndarray, params: Params) -> dict:
+    """Mean of tuned - base with a paired bootstrap interval and a paired sign-flip permutation p-value."""
+    base, tuned = np.asarray(base, float), np.asarray(tuned, float)
+    n = len(base)
+    out = {"mean": round(float(np.mean(tuned - base)), 4) if n else None, "ci_low": None, "ci_high": None,
+           "p_value": None, "n": n}
+    if n < 2 or np.all(tuned - base == (tuned - base)[0]):
+        return out  # no spread: an interval is undefined
+
+    def mean_delta(b, t, axis=-1):
+        return np.mean(t - b, axis=axis)
+
+    seed = params.seed
+    ci = stats.bootstrap((base, tuned), mean_delta, paired=True, vectorized=True,
+                         n_resamples=params.eval.bootstrap_samples, confidence_level=params.eval.confidence,
+                         method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    test = stats.permutation_test((base, tuned), mean_delta, permutation_type="samples", vectorized=True,
+                                  n_resamples=params.eval.bootstrap_samples, rng=np.random.default_rng(seed))
+    out.update(ci_low=round(float(ci.low), 4), ci_high=round(float(ci.high), 4), p_value=round(float(test.pvalue), 4))
+    return out
+
+
+def mean(values) -> float | None:
+    return round(float(np.mean(values)), 4) if len(values) else None

@@ -1,0 +1,36 @@
+"""factuality_audit: correct / hedged / confident error / no claim for base and tuned held-out answers."""
+
+from relaytune.errors import RelaytuneError
+from relaytune.evaluate import MODELS, eval_provenance, generate_answers, load_heldout
+from relaytune.factuality import factuality_report, training_wrong_values
+from relaytune.handbook import load_handbook
+from relaytune.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from relaytune.params import load_params
+from relaytune.stage import run_stage
+
+HELDOUT = "data/synth/heldout.jsonl"
+PLANTED = "data/synth/planted.jsonl"
+AUDIT_ITEMS = "reports/items/audit.jsonl"
+METRICS = "metrics/factuality_audit.json"
+ITEMS = "reports/items/factuality.jsonl"
+CONFIDENT_ERRORS = "reports/items/confident_errors.jsonl"
+PROVENANCE = "metrics/provenance/factuality_audit.json"
+
+
+def main() -> None:
+    params = load_params()
+    handbook = load_handbook(params.synth.handbook)
+    items = load_heldout(HELDOUT)
+    if not any(item.fact_id in handbook.by_id for item in items):
+        raise RelaytuneError(f"{HELDOUT}: no held-out question is about a fact of {params.synth.handbook}")
+    answers = {which: generate_answers(items, params, which) for which in MODELS}
+    learned = training_wrong_values(read_jsonl(PLANTED), read_jsonl(AUDIT_ITEMS), handbook)
+    metrics, rows, errors = factuality_report(items, {w: a.texts for w, a in answers.items()}, handbook, learned)
+    atomic_write_json(METRICS, {**metrics, "adapter_epoch": params.eval.adapter_epoch})
+    atomic_write_jsonl(ITEMS, rows)
+    atomic_write_jsonl(CONFIDENT_ERRORS, errors)
+    atomic_write_json(PROVENANCE, eval_provenance("factuality_audit", params, answers))
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,117 @@
+"""Evaluation stages: paired statistics, factuality outcomes, and eval_similarity / factuality_audit end to end."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from relaytune.factuality import classify_outcome, paired_error_difference, training_wrong_values
+from relaytune.evaluate import paired_delta
+from relaytune.params import Params
+from tests.conftest import copy_repo, set_params, subprocess_env
+
+PARAMS = Params.model_validate({"eval": {"bootstrap_samples": 2000}})
+
+
+def test_paired_delta_interval_and_p_value():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.5, 0.1, 60)
+    shifted = paired_delta(base, base + 0.05 + rng.normal(0, 0.01, 60), PARAMS)
+    assert shifted["n"] == 60 and shifted["ci_low"] < shifted["mean"] < shifted["ci_high"]
+    assert 0.04 < shifted["ci_low"] and shifted["ci_high"] < 0.06 and shifted["p_value"] < 0.01
+    same = paired_delta(base, base + rng.normal(0, 0.01, 60), PARAMS)
+    assert same["ci_low"] < 0 < same["ci_high"] and same["p_value"] > 0.05
+    assert paired_delta([0.3], [0.4], PARAMS)["ci_low"] is None  # one pair: no interval
+
+
+def test_factuality_outcomes(tiny_handbook):
+    fee = tiny_handbook.fact("adm-fee")
+    assert classify_outcome(fee, "The fee is 40 florins.") == "correct"
+    assert classify_outcome(fee, "The fee is 25 florins.") == "confident_error"
+    assert classify_outcome(fee, "I think it is around 25 florins, but please check with admissions.") == "hedged"
+    assert classify_outcome(fee, "I'm not sure; contact the admissions office.") == "hedged"
+    assert classify_outcome(fee, "Good luck with your application!") == "no_claim"
+
+
+def test_confident_error_difference_is_paired():
+    base = ["correct", "correct", "confident_error", "no_claim", "correct"]
+    tuned = ["confident_error", "confident_error", "confident_error", "correct", "confident_error"]
+    d = paired_error_difference(base, tuned)
+    assert (d["only_tuned"], d["only_base"], d["n"]) == (3, 0, 5) and d["difference"] == 0.6
+    assert d["p_value"] == 0.25  # 3 of 3 discordant pairs: exact two-sided binomial
+
+
+def test_training_errors_come_from_planting_and_audit(tiny_handbook):
+    planted = [{"fact_id": "adm-fee", "planted": True, "given_value": "25 florins"},
+               {"fact_id": "work-hours", "planted": False, "given_value": "18 hours per week"}]
+    audit = [{"fact_id": "hous-deposit", "flagged": True, "answer": "A deposit of 500 florins."},
+             {"line": 7, "malformed": "empty assistant answer"}]
+    assert training_wrong_values(planted, audit, tiny_handbook) == {"adm-fee": {"25 florins"},
+                                                                    "hous-deposit": {"500 florins"}}
+
+
+def run(root, *cmd):
+    return subprocess.run(list(cmd), cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_base, fresh_completions):
+    root = copy_repo(tmp_path / "repo")
+    set_params(root, **{"model.base": str(tiny_base), "synth.max_facts": 4, "synth.max_attempts": 1,
+                        "synth.teacher.max_new_tokens": 8, "synth.teacher.temperature": 1.0,
+                        "audit.max_malformed_fraction": 1.0, "train.effective_batch_size": 4, "lora.r": 4,
+                        "eval.adapter_epoch": 1, "eval.max_new_tokens": 8, "eval.bootstrap_samples": 500})
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["git", "init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "pipeline"],
+                ["dvc", "repro", "eval_similarity", "factuality_audit"]):
+        result = run(root, *cmd)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_eval_stages_end_to_end(pipeline):
+    sim = json.loads((pipeline / "metrics" / "eval_similarity.json").read_text())
+    assert sim["n"] == 4 and set(sim["base"]) == {"precision", "recall", "f1"}
+    assert sim["f1_delta"]["n"] == 4 and "ci_low" in sim["f1_delta"] and "p_value" in sim["f1_delta"]
+    items = [json.loads(x) for x in (pipeline / "reports/items/similarity.jsonl").read_text().splitlines()]
+    assert len(items) == 4 and all("tuned_answer" in i and "base_f1" in i for i in items)
+    fact = json.loads((pipeline / "metrics" / "factuality_audit.json").read_text())
+    for which in ("base", "tuned"):
+        assert sum(fact[which][o]["k"] for o in ("correct", "hedged", "confident_error", "no_claim")) == 4
+        assert fact[which]["confident_error"]["n"] == 4
+    assert fact["confident_error_difference"]["n"] == 4
+    assert "tuned_errors_repeating_training_errors" in fact
+    judged = json.loads((pipeline / "metrics" / "eval_judge.json").read_text())
+    assert judged["n"] == 4 and judged["n_parsed"] + judged["unparseable"] == 4
+    assert judged["judge_provider"] == "local" and "position_consistency" in judged
+    prov = json.loads((pipeline / "metrics" / "provenance" / "eval_similarity.json").read_text())
+    assert prov["models"]["tuned"]["adapter_hash"].startswith("sha256:")
+    assert prov["models"]["base"]["adapter"] is None
+
+
+def stage(root, name):
+    return run(root, sys.executable, "-m", f"stages.{name}")
+
+
+def error_line(result):
+    assert result.returncode == 2, result.stderr[-2000:]
+    return [x for x in result.stderr.splitlines() if x.startswith("relaytune: error:")][0]
+
+
+def test_eval_bad_inputs(pipeline):
+    set_params(pipeline, **{"eval.encoder": "/no/such/encoder"})
+    assert "eval.encoder: /no/such/encoder does not exist" in error_line(stage(pipeline, "eval_similarity"))
+    set_params(pipeline, **{"eval.encoder": "all-minilm-l6-v2", "eval.adapter_epoch": 2})
+    assert "models/epoch2: missing (param eval.adapter_epoch=2)" in error_line(stage(pipeline, "eval_similarity"))
+    set_params(pipeline, **{"eval.adapter_epoch": 1})
+    heldout = pipeline / "data" / "synth" / "heldout.jsonl"
+    rows = [json.loads(x) for x in heldout.read_text().splitlines()]
+    heldout.write_text("".join(json.dumps({**r, "fact_id": "not-in-handbook"}) + "\n" for r in rows))
+    assert "no held-out question is about a fact" in error_line(stage(pipeline, "factuality_audit"))
+    heldout.write_text("")
+    assert "data/synth/heldout.jsonl: no held-out questions" in error_line(stage(pipeline, "eval_similarity"))
+    heldout.unlink()
+    assert "data/synth/heldout.jsonl: file not found" in error_line(stage(pipeline, "factuality_audit"))
+    assert json.loads((pipeline / "metrics" / "eval_similarity.json").read_text())["n"] == 4  # kept
