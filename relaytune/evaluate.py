@@ -45,6 +45,10 @@ def load_heldout(path: str | Path) -> list[HeldoutItem]:
 
 
 def adapter_dir(params: Params) -> Path:
+    """The evaluated epoch's adapter folder."""
+    if params.train.method == "full":
+        raise RelaytuneError("eval: train.method=full saves whole weights, not an adapter; evaluate them by setting "
+                             f"model.base to models/epoch{params.eval.adapter_epoch} in a separate experiment")
     folder = Path(f"models/epoch{params.eval.adapter_epoch}")
     if not (folder / "manifest.json").exists():
         raise RelaytuneError(f"{folder}: missing (param eval.adapter_epoch={params.eval.adapter_epoch}); run "
@@ -67,9 +71,6 @@ def generate_answers(items: list[HeldoutItem], params: Params, which: str) -> An
     """Greedy answers of the base model or of base + the evaluated epoch's adapter, as a student would ask."""
     provider = ProviderParams(max_new_tokens=params.eval.max_new_tokens, batch_size=params.eval.batch_size)
     adapter = adapter_dir(params) if which == "tuned" else None
-    if adapter is not None and params.train.method == "full":
-        raise RelaytuneError("eval: train.method=full saves whole weights, not an adapter; evaluate them by "
-                             f"setting model.base to {adapter} in a separate experiment")
     generator = make_generator(provider, params.model, f"eval ({which})", adapter=adapter)
     requests = [[{"role": "user", "content": item.question}] for item in items]
     completions = generator.generate(requests, Decoding(params.eval.max_new_tokens), desc=f"answers ({which})")

@@ -148,6 +148,12 @@ class EvalParams(StrictModel):
     encoder_num_layers: int = Field(6, ge=1)
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(16, ge=1)
+    # Forgetting: general text for perplexity and KL (null: the pydoc topics that ship with Python) ...
+    general_text: str | None = None
+    general_chunks: int = Field(24, ge=2)
+    general_chunk_tokens: int = Field(256, ge=16)
+    # ... and an optional multiple-choice task (JSONL: question, choices, answer index).
+    mc_task: str | None = None
     bootstrap_samples: int = Field(10000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
 

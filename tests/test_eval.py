@@ -1,6 +1,7 @@
 """Evaluation stages: paired statistics, factuality outcomes, and eval_similarity / factuality_audit end to end."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -62,16 +63,19 @@ def pipeline(tmp_path, tiny_base, fresh_completions):
     set_params(root, **{"model.base": str(tiny_base), "synth.max_facts": 4, "synth.max_attempts": 1,
                         "synth.teacher.max_new_tokens": 8, "synth.teacher.temperature": 1.0,
                         "audit.max_malformed_fraction": 1.0, "train.effective_batch_size": 4, "lora.r": 4,
-                        "eval.adapter_epoch": 1, "eval.max_new_tokens": 8, "eval.bootstrap_samples": 500})
+                        "eval.max_new_tokens": 8, "eval.bootstrap_samples": 500,
+                        "eval.general_chunks": 4, "eval.general_chunk_tokens": 64, "eval.mc_task": "mc.jsonl"})
+    (root / "mc.jsonl").write_text("".join(json.dumps({"question": f"Two plus {i} is", "choices": [str(2 + i), "ten"],
+                                                        "answer": 0}) + "\n" for i in range(3)))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     for cmd in (["git", "init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "pipeline"],
-                ["dvc", "repro", "eval_similarity", "factuality_audit"]):
+                ["dvc", "repro", "report"]):
         result = run(root, *cmd)
         assert result.returncode == 0, result.stderr[-3000:]
     return root
 
 
-def test_eval_stages_end_to_end(pipeline):
+def test_eval_stages_and_report_end_to_end_then_bad_inputs(pipeline):
     sim = json.loads((pipeline / "metrics" / "eval_similarity.json").read_text())
     assert sim["n"] == 4 and set(sim["base"]) == {"precision", "recall", "f1"}
     assert sim["f1_delta"]["n"] == 4 and "ci_low" in sim["f1_delta"] and "p_value" in sim["f1_delta"]
@@ -86,9 +90,20 @@ def test_eval_stages_end_to_end(pipeline):
     judged = json.loads((pipeline / "metrics" / "eval_judge.json").read_text())
     assert judged["n"] == 4 and judged["n_parsed"] + judged["unparseable"] == 4
     assert judged["judge_provider"] == "local" and "position_consistency" in judged
+    general = json.loads((pipeline / "metrics" / "eval_general.json").read_text())
+    assert general["n_chunks"] == 4 and general["perplexity"]["base"] > 1
+    assert general["kl_tuned_from_base"]["mean"] >= 0 and general["nll_delta"]["n"] == 4
+    assert general["multiple_choice"]["base"]["n"] == 3 and "accuracy_delta" in general["multiple_choice"]
+    report = (pipeline / "reports" / "report.md").read_text()
+    assert "| BERTScore F1, tuned − base" in report and "| Confident factual errors, tuned |" in report
+    assert "## The relay chain" in report and "(n=4)" in report
+    assert sorted(p.name for p in (pipeline / "reports" / "figures").iterdir()) == [
+        "audit_topics.png", "bertscore.png", "factuality.png", "forgetting.png", "judge.png", "loss.png"]
+    assert "<table>" in (pipeline / "reports" / "report.html").read_text()
     prov = json.loads((pipeline / "metrics" / "provenance" / "eval_similarity.json").read_text())
     assert prov["models"]["tuned"]["adapter_hash"].startswith("sha256:")
     assert prov["models"]["base"]["adapter"] is None
+    check_eval_bad_inputs(pipeline)  # after the checks above: it breaks the pipeline's inputs one by one
 
 
 def stage(root, name):
@@ -100,12 +115,13 @@ def error_line(result):
     return [x for x in result.stderr.splitlines() if x.startswith("relaytune: error:")][0]
 
 
-def test_eval_bad_inputs(pipeline):
+def check_eval_bad_inputs(pipeline):
     set_params(pipeline, **{"eval.encoder": "/no/such/encoder"})
     assert "eval.encoder: /no/such/encoder does not exist" in error_line(stage(pipeline, "eval_similarity"))
-    set_params(pipeline, **{"eval.encoder": "all-minilm-l6-v2", "eval.adapter_epoch": 2})
-    assert "models/epoch2: missing (param eval.adapter_epoch=2)" in error_line(stage(pipeline, "eval_similarity"))
-    set_params(pipeline, **{"eval.adapter_epoch": 1})
+    set_params(pipeline, **{"eval.encoder": "all-minilm-l6-v2"})
+    shutil.move(pipeline / "models" / "epoch3", pipeline / "epoch3-elsewhere")
+    assert "models/epoch3: missing (param eval.adapter_epoch=3)" in error_line(stage(pipeline, "eval_similarity"))
+    shutil.move(pipeline / "epoch3-elsewhere", pipeline / "models" / "epoch3")
     heldout = pipeline / "data" / "synth" / "heldout.jsonl"
     rows = [json.loads(x) for x in heldout.read_text().splitlines()]
     heldout.write_text("".join(json.dumps({**r, "fact_id": "not-in-handbook"}) + "\n" for r in rows))
@@ -114,4 +130,6 @@ def test_eval_bad_inputs(pipeline):
     assert "data/synth/heldout.jsonl: no held-out questions" in error_line(stage(pipeline, "eval_similarity"))
     heldout.unlink()
     assert "data/synth/heldout.jsonl: file not found" in error_line(stage(pipeline, "factuality_audit"))
+    set_params(pipeline, **{"eval.general_text": "missing.txt"})
+    assert "eval.general_text: missing.txt does not exist" in error_line(stage(pipeline, "eval_general"))
     assert json.loads((pipeline / "metrics" / "eval_similarity.json").read_text())["n"] == 4  # kept
