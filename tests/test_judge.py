@@ -1,7 +1,5 @@
 """The pairwise judge: verdict parsing, order handling, the strict retry, and a real llama.cpp server."""
 
-import pytest
-
 from relaytune.evaluate import HeldoutItem
 from relaytune.generation import make_generator
 from relaytune.judge import STRICT_SUFFIX, combine, judge_both_orders, judge_summary, parse_verdict
