@@ -1,4 +1,4 @@
-"""`dvc repro` of the available stages in a temp copy of the repo, on the real embedded SmolLM2 (integration)."""
+"""`dvc repro` of the whole pipeline in a temp copy of the repo, on the real embedded SmolLM2 (integration)."""
 
 import json
 import os
@@ -8,7 +8,8 @@ import time
 
 import yaml
 
-from tests.conftest import copy_repo, subprocess_env
+from tests.conftest import copy_repo, set_params, subprocess_env
+
 
 def sh(root, *cmd, check=True):
     result = subprocess.run(list(cmd), cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=900)
@@ -23,6 +24,9 @@ def small_repo(tmp_path, **synth):
     params["synth"].update({"max_facts": 5, **synth})
     params["synth"]["teacher"].update(max_new_tokens=64)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Small enough for CI: 2 optimizer steps per epoch, short answers, a few general-text chunks.
+    set_params(root, **{"eval.max_new_tokens": 32, "eval.general_chunks": 4, "eval.bootstrap_samples": 1000,
+                        "judge.max_new_tokens": 16})
     sh(root, "git", "init", "-q")
     sh(root, "git", "add", "-A")
     sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
@@ -54,10 +58,15 @@ def test_repro_then_exp_run_moves_the_audit_error_rate(tmp_path, base_model, fre
     assert provenance["base_model_hash"] == base_model.content_hash and provenance["dtype"] == "float32"
     assert provenance["accelerator"]["kind"] == "cpu" and provenance["libraries"]["transformers"]
     assert "synth" in (root / "dvc.lock").read_text()
+    epoch3 = read_json(root, "metrics/train_epoch3.json")
+    assert epoch3["method"] == "qlora" and epoch3["linear_layers_4bit"] == 210  # 7 projections x 30 layers
+    assert read_json(root, "metrics/eval_similarity.json")["n"] == 5
+    assert read_json(root, "metrics/factuality_audit.json")["tuned"]["confident_error"]["n"] == 5
+    assert "## Findings" in (root / "reports" / "report.md").read_text()
 
     sh(root, "git", "add", "-A")
     sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
-    sh(root, "dvc", "exp", "run", "-S", "synth.error_rate=0.6")
+    sh(root, "dvc", "exp", "run", "-S", "synth.error_rate=0.6", "audit")  # downstream stages would retrain
     after = read_json(root, "metrics/synth.json")
     assert after["rows_planted"] == round(0.6 * len(train))
     assert after["cache_hits"] > 0  # unplanted rows and held-out references were not generated again
