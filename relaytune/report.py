@@ -91,6 +91,16 @@ def chain_rows(manifests: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- figures
 
+def save(fig, out: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def yerr(rates: list[dict]) -> list[list[float]]:
+    """Matplotlib error bars from {rate, ci_low, ci_high} dicts (0 where undefined)."""
+    return [[(r["rate"] or 0) - (r["ci_low"] or 0) for r in rates], [(r["ci_high"] or 0) - (r["rate"] or 0) for r in rates]]
+
 def fig_loss(history: list[dict], manifests: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     hosts = {m["epoch"]: f"{m['host']['accelerator']['name']} ({m['host']['dtype']})" for m in manifests}
@@ -106,9 +116,7 @@ def fig_loss(history: list[dict], manifests: list[dict], out: Path) -> None:
     ax.set_ylabel("training loss (answer tokens)")
     ax.set_title("Loss across the relay, coloured by the host of each epoch")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out)
 
 
 def fig_audit_topics(by_topic_csv: Path, planted_rows: list[dict], topics_of: dict[str, str], out: Path) -> None:
@@ -116,21 +124,19 @@ def fig_audit_topics(by_topic_csv: Path, planted_rows: list[dict], topics_of: di
     planted = Counter(topics_of[r["id"]] for r in planted_rows if r.get("planted") and r["id"] in topics_of)
     total = Counter(topics_of[r["id"]] for r in planted_rows if r["id"] in topics_of)
     topics = [r["topic"] for r in rows]
-    found = [float(r["error_rate"]) for r in rows]
-    err = [[float(r["error_rate"]) - float(r["ci_low"]) for r in rows],
-           [float(r["ci_high"]) - float(r["error_rate"]) for r in rows]]
+    found = [{"rate": float(r["error_rate"]), "ci_low": float(r["ci_low"]), "ci_high": float(r["ci_high"])}
+             for r in rows]
     planted_rate = [planted[t] / total[t] if total[t] else 0 for t in topics]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     x = range(len(topics))
     ax.bar([i - 0.2 for i in x], planted_rate, width=0.4, label="planted", color="C7")
-    ax.bar([i + 0.2 for i in x], found, width=0.4, yerr=err, capsize=3, label="found by audit (95% CI)", color="C3")
+    ax.bar([i + 0.2 for i in x], [f["rate"] for f in found], width=0.4, yerr=yerr(found), capsize=3,
+           label="found by audit (95% CI)", color="C3")
     ax.set_xticks(list(x), topics, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("share of synthetic answers")
     ax.set_title("Synthetic-data errors by topic: planted vs found")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out)
 
 
 def fig_bertscore(items: list[dict], out: Path) -> None:
@@ -140,16 +146,11 @@ def fig_bertscore(items: list[dict], out: Path) -> None:
     ax.set_xticks([1, 2], ["base", "tuned"])
     ax.set_ylabel("BERTScore F1 vs teacher reference")
     ax.set_title(f"Similarity to the synthetic data (n={len(items)} held-out questions)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out)
 
 
 def _bars_with_ci(ax, labels, stats_list, colours):
-    rates = [s["rate"] or 0 for s in stats_list]
-    err = [[(s["rate"] or 0) - (s["ci_low"] or 0) for s in stats_list],
-           [(s["ci_high"] or 0) - (s["rate"] or 0) for s in stats_list]]
-    ax.bar(labels, rates, yerr=err, capsize=4, color=colours)
+    ax.bar(labels, [s["rate"] or 0 for s in stats_list], yerr=yerr(stats_list), capsize=4, color=colours)
 
 
 def fig_judge(judge: dict, out: Path) -> None:
@@ -158,9 +159,7 @@ def fig_judge(judge: dict, out: Path) -> None:
                   ["C2", "C7", "C3"])
     ax.set_ylabel("share of judged pairs (95% CI)")
     ax.set_title(f"LLM judge, both orders (n={judge['n_parsed']}, unparseable {judge['unparseable']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out)
 
 
 def fig_factuality(fact: dict, out: Path) -> None:
@@ -169,16 +168,12 @@ def fig_factuality(fact: dict, out: Path) -> None:
     for k, w in enumerate(("base", "tuned")):
         s = [fact[w][o] for o in outcomes]
         xs = [i + (k - 0.5) * 0.4 for i in range(len(outcomes))]
-        ax.bar(xs, [v["rate"] or 0 for v in s], width=0.4, label=w, color=f"C{k}",
-               yerr=[[(v["rate"] or 0) - (v["ci_low"] or 0) for v in s],
-                     [(v["ci_high"] or 0) - (v["rate"] or 0) for v in s]], capsize=3)
+        ax.bar(xs, [v["rate"] or 0 for v in s], width=0.4, label=w, color=f"C{k}", yerr=yerr(s), capsize=3)
     ax.set_xticks(range(len(outcomes)), [o.replace("_", " ") for o in outcomes])
     ax.set_ylabel(f"share of answers (n={fact['n']}, 95% CI)")
     ax.set_title("Factuality of held-out answers")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out)
 
 
 def fig_forgetting(gen: dict, out: Path) -> None:
@@ -191,9 +186,7 @@ def fig_forgetting(gen: dict, out: Path) -> None:
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xticks([0], [name])
         ax.set_title(f"Forgetting (95% CI, n={m['n']} chunks); KL={gen['kl_tuned_from_base']['mean']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out)
 
 
 # ---------------------------------------------------------------- document
