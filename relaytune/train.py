@@ -397,14 +397,12 @@ class TrainingRun:
         batches = epoch_batches(len(self.examples), t.effective_batch_size, self.params.seed, epoch)
         resumed_from = self.state.step_in_epoch
         tokens = 0
-        losses = []
         started = time.perf_counter()
         bar = tqdm(total=len(batches), initial=resumed_from, desc=f"epoch {epoch}", unit="step")
         for step_in_epoch in range(resumed_from, len(batches)):
             step_started = time.perf_counter()
             loss, step_tokens = self._optimizer_step([self.examples[i] for i in batches[step_in_epoch]])
             tokens += step_tokens
-            losses.append(loss)
             self.state.global_step += 1
             self.state.step_in_epoch = step_in_epoch + 1
             record = {"step": self.state.global_step, "epoch": epoch, "loss": round(loss, 6),
