@@ -11,12 +11,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .io import read_json  # noqa: E402
-
-
-def load_optional(path: str | Path) -> dict | None:
-    return read_json(path) if Path(path).exists() else None
-
 
 def fmt_ci(m: dict | None, key_rate: str = "rate", pct: bool = True) -> str:
     if not m or m.get(key_rate) is None:
@@ -101,21 +95,33 @@ def yerr(rates: list[dict]) -> list[list[float]]:
     """Matplotlib error bars from {rate, ci_low, ci_high} dicts (0 where undefined)."""
     return [[(r["rate"] or 0) - (r["ci_low"] or 0) for r in rates], [(r["ci_high"] or 0) - (r["rate"] or 0) for r in rates]]
 
-def fig_loss(history: list[dict], manifests: list[dict], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    hosts = {m["epoch"]: f"{m['host']['accelerator']['name']} ({m['host']['dtype']})" for m in manifests}
-    colours = {}
+def loss_segments(history: list[dict], manifests: list[dict]) -> list[dict]:
+    """One segment per epoch with the host that trained it; a host keeps its colour across the chain."""
+    hosts = {m["epoch"]: f"{m['host']['hostname']}: {m['host']['accelerator']['name']} ({m['host']['dtype']})"
+             for m in manifests}
+    colours: dict[str, str] = {}
+    segments = []
     for epoch in sorted({h["epoch"] for h in history}):
         points = [h for h in history if h["epoch"] == epoch]
-        host = hosts.get(epoch, "?")
-        colour = colours.setdefault(host, f"C{len(colours)}")
-        ax.plot([h["step"] for h in points], [h["loss"] for h in points], color=colour, marker=".",
-                label=f"epoch {epoch}: {host}")
-        ax.axvline(points[-1]["step"] + 0.5, color="grey", lw=0.5, ls=":")
+        host = hosts.get(epoch, "unknown host")
+        segments.append({"epoch": epoch, "host": host, "first_of_host": host not in colours,
+                         "colour": colours.setdefault(host, f"C{len(colours)}"),
+                         "steps": [h["step"] for h in points], "losses": [h["loss"] for h in points]})
+    return segments
+
+
+def fig_loss(history: list[dict], manifests: list[dict], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for seg in loss_segments(history, manifests):
+        ax.plot(seg["steps"], seg["losses"], color=seg["colour"], marker=".",
+                label=seg["host"] if seg["first_of_host"] else None)
+        ax.axvline(seg["steps"][-1] + 0.5, color="grey", lw=0.5, ls=":")
+        ax.text(seg["steps"][0], 1.0, f"epoch {seg['epoch']}", transform=ax.get_xaxis_transform(), fontsize=8,
+                va="bottom", color="grey")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (answer tokens)")
-    ax.set_title("Loss across the relay, coloured by the host of each epoch")
-    ax.legend(fontsize=8)
+    ax.set_title("Loss across the relay, coloured by the host of each epoch", pad=16)
+    ax.legend(fontsize=8, title="host: device (dtype)", title_fontsize=8)
     save(fig, out)
 
 

@@ -1,12 +1,11 @@
 """report: reports/report.md and .html with figures, from the metrics and manifests of every stage."""
 
-import json
 from pathlib import Path
 
 from relaytune.io import atomic_write_text, read_json, read_jsonl
 from relaytune.params import load_params
 from relaytune.report import (chain_rows, fig_audit_topics, fig_bertscore, fig_factuality, fig_forgetting, fig_judge,
-                              fig_loss, load_optional, render_html, render_markdown)
+                              fig_loss, render_html, render_markdown)
 from relaytune.stage import run_stage
 
 FIGURES = Path("reports/figures")
@@ -15,9 +14,9 @@ STAGE_METRICS = ["synth", "audit", "eval_similarity", "eval_judge", "factuality_
 
 def main() -> None:
     params = load_params()
-    metrics = {name: load_optional(f"metrics/{name}.json") for name in STAGE_METRICS}
+    metrics = {name: read_json(f"metrics/{name}.json") for name in STAGE_METRICS}
     manifests = [read_json(f"models/epoch{n}/manifest.json") for n in range(1, params.train.epochs + 1)]
-    history = json.loads(Path(f"models/epoch{params.train.epochs}/trainer_state.json").read_text())["history"]
+    history = read_json(f"models/epoch{params.train.epochs}/trainer_state.json")["history"]
     FIGURES.mkdir(parents=True, exist_ok=True)
     figures = {}
 

@@ -11,7 +11,8 @@ import pytest
 from relaytune.factuality import classify_outcome, paired_error_difference, training_wrong_values
 from relaytune.evaluate import paired_delta
 from relaytune.params import Params
-from tests.conftest import copy_repo, set_params, subprocess_env
+from relaytune.report import loss_segments
+from tests.conftest import copy_repo, free_port, set_params, subprocess_env
 
 PARAMS = Params.model_validate({"eval": {"bootstrap_samples": 2000}})
 
@@ -51,6 +52,20 @@ def test_training_errors_come_from_planting_and_audit(tiny_handbook):
              {"line": 7, "malformed": "empty assistant answer"}]
     assert training_wrong_values(planted, audit, tiny_handbook) == {"adm-fee": {"25 florins"},
                                                                     "hous-deposit": {"500 florins"}}
+
+
+def test_loss_segments_keep_one_colour_per_host():
+    def manifest(epoch, hostname, device, dtype):
+        return {"epoch": epoch, "host": {"hostname": hostname, "accelerator": {"name": device}, "dtype": dtype}}
+
+    history = [{"epoch": e, "step": s, "loss": 1.0} for e, steps in ((1, (1, 2)), (2, (3, 4)), (3, (5, 6)))
+               for s in steps]
+    chain = [manifest(1, "kaggle", "Tesla T4", "float16"), manifest(2, "lab", "NVIDIA H100", "bfloat16"),
+             manifest(3, "kaggle", "Tesla T4", "float16")]
+    segments = loss_segments(history, chain)
+    assert [s["colour"] for s in segments] == ["C0", "C1", "C0"]
+    assert [s["first_of_host"] for s in segments] == [True, True, False]  # one legend entry per host
+    assert segments[1]["host"] == "lab: NVIDIA H100 (bfloat16)" and segments[2]["steps"] == [5, 6]
 
 
 def run(root, *cmd):
@@ -116,6 +131,17 @@ def error_line(result):
 
 
 def check_eval_bad_inputs(pipeline):
+    judged = (pipeline / "metrics" / "eval_judge.json").read_text()
+    set_params(pipeline, **{"judge.provider": "openai", "judge.model": "judge-model", "judge.max_retries": 1,
+                            "judge.base_url": f"http://127.0.0.1:{free_port()}/v1"})  # nothing listens there
+    assert "failed after 1 retries (APIConnectionError)" in error_line(stage(pipeline, "eval_judge"))
+    assert (pipeline / "metrics" / "eval_judge.json").read_text() == judged  # previous result kept
+    set_params(pipeline, **{"judge.provider": "local", "judge.model": None, "judge.base_url": None})
+    report = (pipeline / "reports" / "report.md").read_text()
+    shutil.move(pipeline / "metrics" / "eval_general.json", pipeline / "eval_general-elsewhere.json")
+    assert "metrics/eval_general.json: file not found" in error_line(stage(pipeline, "report"))
+    assert (pipeline / "reports" / "report.md").read_text() == report
+    shutil.move(pipeline / "eval_general-elsewhere.json", pipeline / "metrics" / "eval_general.json")
     set_params(pipeline, **{"eval.encoder": "/no/such/encoder"})
     assert "eval.encoder: /no/such/encoder does not exist" in error_line(stage(pipeline, "eval_similarity"))
     set_params(pipeline, **{"eval.encoder": "all-minilm-l6-v2"})
