@@ -21,16 +21,55 @@ ENV_PREFIX = "RELAYTUNE_"
 
 
 class HostProfile(StrictModel):
+    """Each knob's null means "pick for this machine": `effective_profile` resolves it, and the manifest records both
+    what was asked and what ran."""
+
     # Rows per forward/backward; the stage accumulates gradients to reach train.effective_batch_size.
     # null: the whole effective batch in one micro-batch.
     micro_batch_size: int | None = Field(None, ge=1)
+    # Concatenate each micro-batch's rows into one padding-free sequence whose position ids restart per row.
+    # null: on. The run first checks that the model keeps packed rows apart (a row's logits must not change when its
+    # neighbour does); a model that leaks trains padded instead, and the manifest says so.
+    packing: bool | None = None
+    # Tokens per micro-batch at most (a row is never split; a longer one goes alone). null: 3072 on a GPU (a 7B QLoRA
+    # step then peaks near 6 GiB; bench/train_throughput.py measures it), no limit on a CPU.
+    micro_batch_tokens: int | None = Field(None, ge=16)
     # null: on with a GPU (memory is the budget there), off on a CPU (where it only costs time).
     gradient_checkpointing: bool | None = None
-    # null: transformers' default (sdpa where available).
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    # null: flex_attention on a GPU with bf16 (compute capability 8.0 or newer), which skips the blocks that packed
+    # rows never attend to; transformers' default (sdpa) elsewhere.
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] | None = None
+    # torch.compile each decoder layer (shapes dynamic, so packed rows of any length reuse one graph). null: on with
+    # flex_attention (with sdpa's dense masks every new length recompiles, which costs more than it saves).
+    compile: bool | None = None
+    # Liger's Triton kernels: a fused linear cross-entropy that never materialises the vocabulary logits (plus RMSNorm,
+    # RoPE and SwiGLU when the layers are not compiled). null: on where a CUDA GPU, liger-kernel and kernels for the
+    # model type are present; if not, the manifest says why. true: required (the stage stops where it cannot run).
+    liger_kernel: bool | None = None
+    # QLoRA: hold the frozen weights that stay unquantized (embeddings, norms, output head) in fp32, as peft's
+    # prepare_model_for_kbit_training does. null: yes, except when computing in bf16, where they stay bf16: that
+    # halves the residual stream that checkpointing keeps, and bf16 has fp32's range (fp16 on a T4 does not).
+    frozen_weights_fp32: bool | None = None
     # Training compute dtype: auto = bf16 where the GPU supports it, fp16 with loss scaling on older GPUs
     # (T4, P100), fp32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+def effective_profile(host: HostProfile, device: str, dtype: str, compute_capability: tuple[int, int] | None
+                      ) -> HostProfile:
+    """The profile with every null resolved for this machine (`dtype`: the resolved compute dtype). Pure."""
+    gpu = device == "cuda"
+    flex = gpu and compute_capability is not None and compute_capability >= (8, 0)
+    attn = host.attn_implementation or ("flex_attention" if flex else None)
+    return host.model_copy(update={
+        "packing": True if host.packing is None else host.packing,
+        "micro_batch_tokens": host.micro_batch_tokens or (3072 if gpu else None),
+        "gradient_checkpointing": gpu if host.gradient_checkpointing is None else host.gradient_checkpointing,
+        "attn_implementation": attn,
+        "compile": attn == "flex_attention" if host.compile is None else host.compile,
+        "frozen_weights_fp32": dtype != "bfloat16" if host.frozen_weights_fp32 is None else host.frozen_weights_fp32,
+        "dtype": dtype,
+    })
 
 
 def load_host_profile(path: str | Path = HOST_PROFILE_FILE, environ: dict | None = None) -> HostProfile:
@@ -48,7 +87,3 @@ def load_host_profile(path: str | Path = HOST_PROFILE_FILE, environ: dict | None
         return HostProfile.model_validate(raw)
     except ValidationError as err:
         raise RelaytuneError(describe_validation_error(err, f"{path} / {ENV_PREFIX}* environment", HostProfile)) from None
-
-
-def use_gradient_checkpointing(host: HostProfile, device: str) -> bool:
-    return host.gradient_checkpointing if host.gradient_checkpointing is not None else device == "cuda"

@@ -115,8 +115,6 @@ class TrainParams(StrictModel):
     max_seq_len: int = Field(512, ge=16)
     # A row longer than max_seq_len: `truncate` cuts it and counts it in the metrics; `fail` stops the stage.
     overflow: Literal["truncate", "fail"] = "truncate"
-    # Concatenate short rows into one sequence without padding (attention stays within each row).
-    packing: bool = False
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     # What epoch N hands to N+1: `state` = adapter + optimizer + scheduler + RNG (exact continuation);
@@ -133,7 +131,7 @@ TRAIN_MATH_PARAMS = [
     "seed", "model.base", "model.revision", "model.trust_remote_code", "lora",
     "train.method", "train.epochs", "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio",
     "train.weight_decay", "train.max_grad_norm", "train.effective_batch_size", "train.max_seq_len",
-    "train.overflow", "train.packing", "train.quant_type", "train.double_quant", "train.handoff",
+    "train.overflow", "train.quant_type", "train.double_quant", "train.handoff",
 ]
 # The base model enters a manifest by its content hash, so where it lives (a path differs across hosts) is left out.
 PARAMS_HASH_KEYS = [k for k in TRAIN_MATH_PARAMS if not k.startswith("model.")]

@@ -48,9 +48,10 @@ def findings(metrics: dict[str, dict | None]) -> list[tuple[str, str, str]]:
                      fmt_ci({"rate": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": d["n"]},
                             pct=False) + f", p={d['p_value']}", significant(d)))
     if judge:
-        rows.append(("Judge prefers tuned", fmt_ci(judge["tuned_win"]),
-                     significant({"p_value": judge["sign_test_p_value"]})))
-        rows.append(("Judge prefers base", fmt_ci(judge["tuned_loss"]), f"sign test p={judge['sign_test_p_value']}"))
+        p_value = judge["sign_test_p_value"]
+        rows.append(("Judge prefers tuned", fmt_ci(judge["tuned_win"]), significant({"p_value": p_value})))
+        rows.append(("Judge prefers base", fmt_ci(judge["tuned_loss"]),
+                     "no decisive verdict to test" if p_value is None else f"sign test p={p_value}"))
         rows.append(("Judge position consistency", fmt_ci(judge["position_consistency"]), "—"))
     if fact:
         for w in ("base", "tuned"):

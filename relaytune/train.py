@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import RelaytuneError
-from .host import HostProfile, use_gradient_checkpointing
+from .host import HostProfile, effective_profile
 from .io import atomic_write_json, read_json, read_jsonl_lines
 from .models import BaseModelRef, resolve_base_model, sha256_file
 from .params import PARAMS_HASH_KEYS, Params, select_params
@@ -40,6 +40,8 @@ SCHEDULER = "scheduler.pt"
 RNG = "rng.pt"
 SCALER = "scaler.pt"
 IGNORE_INDEX = -100
+# Relative logit change above which packed rows are taken to see each other (rounding stays far below).
+PACKING_LEAK_TOLERANCE = 1e-3
 
 
 # ---------------------------------------------------------------- data
@@ -110,16 +112,22 @@ def epoch_batches(n_rows: int, effective_batch_size: int, seed: int, epoch: int)
     return [order[i:i + effective_batch_size] for i in range(0, n_rows, effective_batch_size)]
 
 
-def collate(examples: list[Example], tokenizer, packing: bool) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], pad_token_id: int, packing: bool) -> dict[str, torch.Tensor]:
     """Pad per micro-batch (labels with IGNORE_INDEX), or (packing) concatenate rows into one padding-free sequence
     whose position ids restart at every row, so that attention stays inside each row."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    from torch.nn.utils.rnn import pad_sequence
+    from transformers import DataCollatorWithFlattening
 
-    features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     if packing:
-        return DataCollatorWithFlattening(return_tensors="pt")(features)
-    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
-                                  return_tensors="pt")(features)
+        return DataCollatorWithFlattening(return_tensors="pt")(
+            [{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+
+    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+        return pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=value)
+
+    return {"input_ids": pad([e.input_ids for e in examples], pad_token_id),
+            "attention_mask": pad([[1] * len(e.input_ids) for e in examples], 0),
+            "labels": pad([e.labels for e in examples], IGNORE_INDEX)}
 
 
 # ---------------------------------------------------------------- hashes and manifests
@@ -249,33 +257,118 @@ def usable_checkpoint(directory: Path, lineage: Lineage, epoch: int) -> bool:
 
 # ---------------------------------------------------------------- model
 
+def micro_batches(lengths: list[int], max_rows: int, max_tokens: int | None) -> list[list[int]]:
+    """Consecutive rows grouped into micro-batches of at most `max_rows` rows and `max_tokens` tokens (a longer row
+    goes alone): indices into `lengths`."""
+    groups: list[list[int]] = []
+    tokens = 0
+    for i, n in enumerate(lengths):
+        if not groups or len(groups[-1]) == max_rows or (max_tokens is not None and tokens + n > max_tokens):
+            groups.append([])
+            tokens = 0
+        groups[-1].append(i)
+        tokens += n
+    return groups
+
+
+def apply_liger_kernels(model, host: HostProfile, device: str) -> dict:
+    """Liger's fused kernels where they can run. Returns what was applied, or why not, for the manifest."""
+    if host.liger_kernel is False:
+        return {"applied": False, "reason": "off in the host profile"}
+    reason = None
+    if device != "cuda":
+        reason = "no CUDA GPU"
+    else:
+        try:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        except ImportError as e:
+            reason = f"liger-kernel does not import ({e})"
+        else:
+            if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+                reason = f"liger-kernel has no kernels for model type {model.config.model_type}"
+    if reason:
+        if host.liger_kernel:
+            raise RelaytuneError(f"host profile liger_kernel: true, but {reason}")
+        if device == "cuda":
+            log.warning("training without Liger kernels: %s", reason)
+        return {"applied": False, "reason": reason}
+    from transformers.integrations.liger import apply_liger_kernel
+
+    # Compiled layers get their norms, RoPE and SwiGLU fused by the compiler; Liger keeps the fused linear
+    # cross-entropy, which no compiler does: the vocabulary logits never exist in full.
+    only_loss = {"rope": False, "rms_norm": False, "swiglu": False} if host.compile else {}
+    apply_liger_kernel(model, {"fused_linear_cross_entropy": True, **only_loss})
+    return {"applied": True, "kernels": "fused linear cross-entropy" if only_loss else "all"}
+
+
+def packing_leak(model, examples: list[Example], device: str, dtype: torch.dtype) -> float:
+    """How much a packed row's logits move when the row packed before it changes: 0 (up to rounding) where the model
+    keeps packed rows apart, the size of a real logit change where attention crosses rows."""
+    first, second = (e.input_ids[:16] for e in sorted(examples, key=lambda e: -len(e.input_ids))[:2])
+    changed = first[1:] + first[:1]
+    logits = []
+    # Only dropout is switched off: a bitsandbytes 4-bit layer that runs forward in eval mode on a CPU repacks its
+    # weight for inference, and backward through it no longer reaches earlier layers.
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    for m in dropouts:
+        m.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            for lead in (first, changed):
+                batch = collate([Example("a", 0, lead, lead), Example("b", 0, second, second)], 0, packing=True)
+                batch.pop("labels")
+                out = model(**{k: v.to(device) for k, v in batch.items()}).logits[0, len(lead):].float()
+                logits.append(out)
+    finally:
+        for m in dropouts:
+            m.train()
+    return ((logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp_min(1e-6)).item()
+
+
+def compile_decoder_layers(model) -> dict:
+    """torch.compile every decoder layer in place: one graph serves them all, whatever the sequence length."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise RelaytuneError(f"host profile compile: no decoder layers found in {type(model).__name__}; set "
+                             "compile: false in host.yaml (or RELAYTUNE_COMPILE=false)")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return {"applied": True, "layers": len(layers)}
+
+
 def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: str, dtype: torch.dtype,
                weights_dir: Path | None = None):
-    """The base model prepared for params.train.method; `weights_dir` replaces the base weights (full method)."""
+    """The base model prepared for params.train.method, with the kernels of the (effective) host profile applied;
+    `weights_dir` replaces the base weights (full method)."""
     from transformers import AutoModelForCausalLM
 
     method = params.train.method
-    checkpointing = use_gradient_checkpointing(host, device)
+    checkpointing = host.gradient_checkpointing
     kwargs: dict = {"trust_remote_code": params.model.trust_remote_code}
     if host.attn_implementation:
         kwargs["attn_implementation"] = host.attn_implementation
     if method == "qlora":
         kwargs["quantization_config"] = qlora_config(params, dtype)
         kwargs["device_map"] = {"": device}
+        if not host.frozen_weights_fp32:
+            kwargs["dtype"] = dtype  # the unquantized rest of the model
     else:
         # LoRA freezes the base in the compute dtype; a full fine-tune keeps fp32 master weights.
         kwargs["dtype"] = dtype if method == "lora" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(weights_dir or base.path, **kwargs)
     if method != "qlora":
         model.to(device)
+    kernels = {"liger": apply_liger_kernels(model, host, device)}
     if method == "full":
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        return model
+        return model, kernels
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if method == "qlora":
+    if method == "qlora" and host.frozen_weights_fp32:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -286,7 +379,7 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
     lora = params.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return get_peft_model(model, config), kernels
 
 
 def qlora_config(params: Params, dtype: torch.dtype):
@@ -312,15 +405,17 @@ StepCallback = Callable[[dict], None]
 
 class TrainingRun:
     def __init__(self, params: Params, host: HostProfile, base: BaseModelRef, examples: list[Example],
-                 lineage: Lineage, tokenizer):
+                 lineage: Lineage, pad_token_id: int):
         self.params = params
-        self.host = host
         self.base = base
         self.examples = examples
         self.lineage = lineage
-        self.tokenizer = tokenizer  # right padding: training sees the row from its first token
+        self.pad_token_id = pad_token_id
         self.device = training_device()
         self.dtype = training_dtype(host)
+        self.requested_host = host
+        capability = torch.cuda.get_device_capability() if self.device == "cuda" else None
+        self.host = effective_profile(host, self.device, str(self.dtype).removeprefix("torch."), capability)
         t = params.train
         self.micro_batch_size = min(host.micro_batch_size or t.effective_batch_size, t.effective_batch_size)
         self.steps_per_epoch = math.ceil(len(examples) / t.effective_batch_size)
@@ -328,6 +423,7 @@ class TrainingRun:
         self.schedule_steps = self.steps_per_epoch * (t.epochs if t.handoff == "state" else 1)
         self.state = TrainerState(steps_per_epoch=self.steps_per_epoch, data_order_seed=params.seed)
         self.parent: dict | None = None  # manifest of the epoch this run continues
+        self.optimisations: dict = {}  # what setup applied of the host profile's speed-ups, or why not
 
     # -- setup
 
@@ -342,8 +438,13 @@ class TrainingRun:
             self.parent = verify_epoch_folder(parent_dir) if source != parent_dir else manifest
         torch.manual_seed(self.params.seed)
         full_weights = source if (source is not None and self.params.train.method == "full") else None
-        self.model = load_model(self.base, self.params, self.host, self.device, self.dtype, full_weights)
+        self.model, self.optimisations = load_model(self.base, self.params, self.host, self.device, self.dtype,
+                                                    full_weights)
         self.model.train()  # from_pretrained returns eval mode, where checkpointing and dropout do nothing
+        if self.host.packing:
+            self._check_packing()
+        if self.host.compile:
+            self.optimisations["compile"] = compile_decoder_layers(self.model)
         t = self.params.train
         self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=t.learning_rate,
                                            weight_decay=t.weight_decay)
@@ -362,6 +463,19 @@ class TrainingRun:
             if self.scaler is not None and (source / SCALER).exists():
                 self.scaler.load_state_dict(load_tensor_file(source / SCALER, "cpu"))
             restore_rng_state(load_tensor_file(source / RNG, "cpu"), self.device)
+
+    def _check_packing(self) -> None:
+        leak = packing_leak(self.model, self.examples, self.device, self.dtype)
+        self.optimisations["packing"] = {"applied": leak < PACKING_LEAK_TOLERANCE, "leak": round(leak, 6)}
+        if leak < PACKING_LEAK_TOLERANCE:
+            return
+        model = getattr(self.model, "get_base_model", lambda: self.model)()
+        why = (f"{type(model).__name__} lets packed rows attend to each other (relative logit "
+               f"change {leak:.3g})")
+        if self.requested_host.packing:
+            raise RelaytuneError(f"host profile packing: true, but {why}; set packing: false")
+        log.warning("training with padded micro-batches: %s", why)
+        self.host = self.host.model_copy(update={"packing": False})
 
     def _new_scheduler(self):
         from transformers import get_scheduler
@@ -401,7 +515,7 @@ class TrainingRun:
         bar = tqdm(total=len(batches), initial=resumed_from, desc=f"epoch {epoch}", unit="step")
         for step_in_epoch in range(resumed_from, len(batches)):
             step_started = time.perf_counter()
-            loss, step_tokens = self._optimizer_step([self.examples[i] for i in batches[step_in_epoch]])
+            loss, step_tokens = self.optimizer_step([self.examples[i] for i in batches[step_in_epoch]])
             tokens += step_tokens
             self.state.global_step += 1
             self.state.step_in_epoch = step_in_epoch + 1
@@ -423,7 +537,7 @@ class TrainingRun:
         return EpochReport(epoch, len(batches) - resumed_from, tokens, time.perf_counter() - started,
                            this_epoch[0], this_epoch[-1], float(np.mean(this_epoch)), resumed_from)
 
-    def _optimizer_step(self, rows: list[Example]) -> tuple[float, int]:
+    def optimizer_step(self, rows: list[Example]) -> tuple[float, int]:
         """One optimizer step over the effective batch, in micro-batches; the loss is the mean over every answer
         token of the whole batch, so the micro-batch size changes nothing but memory."""
         n_answer_tokens = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in rows)
@@ -431,10 +545,11 @@ class TrainingRun:
         tokens = 0
         autocast = torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype != torch.float32)
         try:
-            for i in range(0, len(rows), self.micro_batch_size):
-                micro = rows[i:i + self.micro_batch_size]
+            for group in micro_batches([len(e.input_ids) for e in rows], self.micro_batch_size,
+                                       self.host.micro_batch_tokens):
+                micro = [rows[i] for i in group]
                 batch = {k: v.to(self.device) for k, v in
-                         collate(micro, self.tokenizer, self.params.train.packing).items()}
+                         collate(micro, self.pad_token_id, self.host.packing).items()}
                 tokens += sum(len(e.input_ids) for e in micro)
                 with autocast:
                     loss = self.model(**batch, num_items_in_batch=n_answer_tokens).loss
@@ -502,8 +617,10 @@ class TrainingRun:
                 "hostname": socket.gethostname(),
                 "accelerator": accelerator(),
                 "dtype": str(self.dtype).removeprefix("torch."),
-                "profile": self.host.model_dump(),
-                "gradient_checkpointing": use_gradient_checkpointing(self.host, self.device),
+                "profile": self.requested_host.model_dump(),
+                "effective_profile": self.host.model_dump(),
+                "gradient_checkpointing": self.host.gradient_checkpointing,
+                "optimisations": self.optimisations,
                 "micro_batch_size": self.micro_batch_size,
                 "gradient_accumulation_steps": math.ceil(self.params.train.effective_batch_size / self.micro_batch_size),
                 "peak_memory_gib": peak_memory_gib(self.device),
@@ -601,4 +718,4 @@ def prepare_run(params: Params, host: HostProfile, data_path: str | Path) -> tup
     examples, truncated = tokenize_rows(load_training_rows(data_path), tokenizer, t.max_seq_len, t.overflow,
                                         str(data_path))
     lineage = Lineage(base.content_hash, params_hash(params), data_hash(data_path))
-    return TrainingRun(params, host, base, examples, lineage, tokenizer), truncated
+    return TrainingRun(params, host, base, examples, lineage, tokenizer.pad_token_id), truncated

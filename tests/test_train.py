@@ -12,9 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from relaytune.errors import RelaytuneError
-from relaytune.host import HostProfile, load_host_profile
+from relaytune.host import HostProfile, effective_profile, load_host_profile
 from relaytune.params import TRAIN_MATH_PARAMS, load_params
-from relaytune.train import collate, prepare_run
+from relaytune.train import collate, micro_batches, prepare_run
 from tests.conftest import REPO, copy_repo, set_params, subprocess_env, write_training_rows
 
 
@@ -108,6 +108,7 @@ def test_micro_batch_is_a_host_knob_that_keeps_the_math(repo):
     manifest = json.loads((repo / "models" / "epoch1" / "manifest.json").read_text())
     assert manifest["host"]["micro_batch_size"] == 1 and manifest["host"]["gradient_accumulation_steps"] == 4
     assert manifest["host"]["profile"]["gradient_checkpointing"] is False and not manifest["host"]["gradient_checkpointing"]
+    assert manifest["host"]["effective_profile"]["packing"] and manifest["host"]["optimisations"]["packing"]["applied"]
     # The continuation with the whole batch at once is accepted: host knobs are not part of the lineage.
     run_epoch(repo, 2)
     reference = in_process_run(repo, 1, HostProfile(gradient_checkpointing=True))
@@ -166,11 +167,87 @@ def test_packing_keeps_rows_apart(repo):
     n_answer = sum(sum(1 for t in e.labels[1:] if t != -100) for e in rows)
     with torch.no_grad():
         run.model.eval()
-        padded = run.model(**collate(rows, run.tokenizer, packing=False), num_items_in_batch=n_answer).loss
-        packed_batch = collate(rows, run.tokenizer, packing=True)
+        padded = run.model(**collate(rows, run.pad_token_id, packing=False), num_items_in_batch=n_answer).loss
+        packed_batch = collate(rows, run.pad_token_id, packing=True)
         packed = run.model(**packed_batch, num_items_in_batch=n_answer).loss
     assert packed_batch["input_ids"].shape[0] == 1 and "attention_mask" not in packed_batch
     assert abs(packed.item() - padded.item()) < 1e-4
+
+
+# ---------------------------------------------------------------- speed-ups: host knobs that keep the math
+
+def test_effective_profile_resolves_each_null_for_the_machine():
+    cpu = effective_profile(HostProfile(), "cpu", "float32", None)
+    assert (cpu.packing, cpu.micro_batch_tokens, cpu.gradient_checkpointing, cpu.attn_implementation, cpu.compile,
+            cpu.frozen_weights_fp32) == (True, None, False, None, False, True)
+    h100 = effective_profile(HostProfile(), "cuda", "bfloat16", (9, 0))
+    assert (h100.micro_batch_tokens, h100.gradient_checkpointing, h100.attn_implementation, h100.compile,
+            h100.frozen_weights_fp32) == (3072, True, "flex_attention", True, False)
+    t4 = effective_profile(HostProfile(), "cuda", "float16", (7, 5))
+    assert (t4.attn_implementation, t4.compile, t4.frozen_weights_fp32) == (None, False, True)
+    asked = HostProfile(packing=False, micro_batch_tokens=512, attn_implementation="sdpa", compile=True)
+    kept = effective_profile(asked, "cuda", "bfloat16", (9, 0))
+    assert (kept.packing, kept.micro_batch_tokens, kept.attn_implementation, kept.compile) == (False, 512, "sdpa", True)
+
+
+def test_micro_batches_respect_rows_and_tokens():
+    lengths = [500, 600, 2000, 100, 100]
+    assert micro_batches(lengths, 8, 1024) == [[0], [1], [2], [3, 4]]  # the 2000-token row goes alone
+    assert micro_batches(lengths, 8, None) == [[0, 1, 2, 3, 4]]
+    assert micro_batches(lengths, 2, None) == [[0, 1], [2, 3], [4]]
+
+
+def first_losses(root: Path, host: HostProfile, steps: int = 2) -> tuple[list[float], dict]:
+    run = prepared_run(root, host)
+    rows = run.examples[:4]
+    return [run.optimizer_step(rows)[0] for _ in range(steps)], run.optimisations
+
+
+# Step 1 compares the math itself. Adam's first update is lr * sign(gradient), so a rounding-level gradient
+# difference can flip a few elements, which step 2 then shows at about 1e-4 of the loss.
+@pytest.mark.parametrize("knobs", [{}, {"micro_batch_tokens": 64}, {"compile": True}], ids=["packing", "tokens", "compile"])
+def test_each_speed_up_keeps_the_loss(repo, knobs):
+    set_params(repo, **{"lora.dropout": 0.0})  # dropout masks depend on tensor shapes
+    reference, _ = first_losses(repo, HostProfile(packing=False))
+    losses, applied = first_losses(repo, HostProfile(**knobs))
+    assert losses[0] == pytest.approx(reference[0], rel=1e-4) and losses[1] == pytest.approx(reference[1], rel=1e-3)
+    assert applied["packing"] == {"applied": True, "leak": 0.0}
+    assert applied["liger"] == {"applied": False, "reason": "no CUDA GPU"}
+    assert ("compile" in applied) == ("compile" in knobs)
+
+
+def test_the_packing_check_leaves_4bit_weights_trainable(repo):
+    from bitsandbytes.nn import Linear4bit
+
+    run = prepared_run(repo)
+    assert run.optimisations["packing"]["applied"]
+    # An eval-mode forward on a CPU would have repacked them for inference (no backward through them).
+    layers = [m for m in run.model.modules() if isinstance(m, Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
+def test_bf16_frozen_weights_keep_the_loss_within_bf16_rounding(repo):
+    set_params(repo, **{"lora.dropout": 0.0})
+    fp32_frozen, _ = first_losses(repo, HostProfile(dtype="bfloat16", frozen_weights_fp32=True), steps=1)
+    bf16_frozen, _ = first_losses(repo, HostProfile(dtype="bfloat16"), steps=1)
+    assert bf16_frozen[0] == pytest.approx(fp32_frozen[0], rel=1e-3)
+
+
+def test_a_model_that_lets_packed_rows_see_each_other_trains_padded(repo, monkeypatch):
+    import transformers.masking_utils
+
+    # Without packed-sequence detection the mask is causal over the whole packed row: rows see their neighbours.
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda *a, **k: None)
+    run = prepared_run(repo)
+    assert run.optimisations["packing"]["applied"] is False and run.optimisations["packing"]["leak"] > 1e-2
+    assert run.host.packing is False
+    with pytest.raises(RelaytuneError, match="host profile packing: true, but LlamaForCausalLM lets packed rows"):
+        prepared_run(repo, HostProfile(packing=True))
+
+
+def test_liger_kernels_when_required_on_a_host_without_them(repo):
+    with pytest.raises(RelaytuneError, match="host profile liger_kernel: true, but no CUDA GPU"):
+        prepared_run(repo, HostProfile(liger_kernel=True))
 
 
 # ---------------------------------------------------------------- bad inputs: one line, earlier outputs intact

@@ -1,0 +1,340 @@
+"""QLoRA training throughput on a randomly initialised Mistral-7B-shaped model: the plain HF stack against
+relaytune's training path, the same rows, effective batch, optimizer and schedule for each. Prints one JSON object.
+
+On a GPU host (the device machine):  python3 -m bench.train_throughput --out $OUT/train_throughput.json
+
+Contenders (each in its own process: Liger patches transformers' classes process-wide, and peak memory is per process):
+  hf         what a tutorial user writes: transformers + peft + bitsandbytes NF4 double-quant, LoRA r=16 on all seven
+             projections, prepare_model_for_kbit_training with gradient checkpointing, bf16 autocast (as Trainer's
+             bf16=True), rows padded per micro-batch, the whole effective batch in one micro-batch.
+  relaytune  relaytune.train.TrainingRun with its defaults (host profile and params as shipped).
+  more, as NAME=KEY=VALUE,...: relaytune with host-profile knobs (RELAYTUNE_* variables) or train.* params changed,
+             e.g. --variant padded=train.packing=false
+Weight values do not change speed, so the model is random; the first steps' losses still check that two contenders
+compute the same thing (LoRA B starts at zero, so step 1 is the base model's loss in both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Mistral-7B-Instruct-v0.3's shape.
+MISTRAL_7B = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1e6,
+                  sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+# A few-MB model of the same family, for checking this script on a CPU (--shape tiny).
+TINY = {**MISTRAL_7B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+SHAPES = {"mistral-7b": MISTRAL_7B, "tiny": TINY}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12}
+PAD_TOKEN_ID = 0
+SEED = 1234
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+# ---------------------------------------------------------------- model and rows
+
+def build_random_model(directory: Path, shape: dict) -> None:
+    """A bf16 model of `shape` with random weights, saved as safetensors (about 14.5 GB for the 7B shape)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    if (directory / "config.json").exists():
+        return
+    torch.manual_seed(SEED)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(MistralConfig(**shape), dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float:
+    from relaytune.train import peak_memory_gib as peak
+
+    return round(peak(DEVICE), 2)
+
+
+def non_embedding_params(shape: dict) -> int:
+    """Parameters a token's forward pass multiplies by (the input embedding is a lookup): for 6N FLOPs per token."""
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return layers * per_layer + h + shape["vocab_size"] * h
+
+
+def realistic_lengths(n: int, median: int, sigma: float, cap: int, seed: int) -> list[int]:
+    """Advice-answer rows: lognormal token lengths (median `median`), cut at `cap`, at least 32 tokens."""
+    lengths = np.random.default_rng(seed).lognormal(np.log(median), sigma, n)
+    return np.clip(lengths.round(), 32, cap).astype(int).tolist()
+
+
+def make_rows(lengths: list[int], vocab: int, seed: int):
+    """Random token rows; the first quarter (at most 64 tokens) is the prompt, masked out of the loss."""
+    from relaytune.train import IGNORE_INDEX, Example
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, n in enumerate(lengths):
+        ids = rng.integers(3, vocab, n).tolist()
+        prompt = min(64, n // 4)
+        rows.append(Example(f"row{i}", i + 1, ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return rows
+
+
+def batches(rows: list, effective_batch_size: int) -> list[list]:
+    return [rows[i:i + effective_batch_size] for i in range(0, len(rows), effective_batch_size)]
+
+
+# ---------------------------------------------------------------- contenders
+
+def hf_baseline(model_dir: Path, steps_total: int):
+    """The plain HF stack, as a tutorial writes it; returns a function that runs one optimizer step."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
+
+    from relaytune.train import collate
+
+    torch.manual_seed(SEED)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": DEVICE})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    model.config.use_cache = False
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=round(0.03 * steps_total),
+                              num_training_steps=steps_total)
+
+    def step(rows) -> float:
+        batch = {k: v.to(DEVICE) for k, v in collate(rows, PAD_TOKEN_ID, packing=False).items()}
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, {"optimisations": "none", "micro_batch": "whole effective batch, padded"}
+
+
+def relaytune_path(model_dir: Path, steps_total: int, rows, train_overrides: dict):
+    """relaytune's own TrainingRun, set up as a train_epoch stage would be on this host."""
+    from relaytune.host import load_host_profile
+    from relaytune.models import BaseModelRef
+    from relaytune.params import Params
+    from relaytune.train import Lineage, TrainingRun
+
+    effective = 8
+    params = Params.model_validate({"seed": SEED, "lora": {"r": LORA["r"], "alpha": LORA["lora_alpha"],
+                                                           "dropout": LORA["lora_dropout"]},
+                                    "train": {"method": "qlora", "effective_batch_size": effective,
+                                              "max_seq_len": 1024, **train_overrides}})
+    base = BaseModelRef(spec=str(model_dir), path=model_dir, content_hash="sha256:random-mistral-7b-shape",
+                        source="local-dir")
+    run = TrainingRun(params, load_host_profile(), base, rows, Lineage(base.content_hash, "bench", "bench"),
+                      PAD_TOKEN_ID)
+    run.schedule_steps = steps_total
+    run.setup()
+
+    def step(rows) -> float:
+        return run.optimizer_step(rows)[0]
+
+    return step, {"effective_host_profile": run.host.model_dump(), "optimisations": run.optimisations,
+                  "micro_batch_size": run.micro_batch_size}
+
+
+def measure(step, steps: list[list], warmup: int, profile: bool) -> dict:
+    synchronize()
+    reset_peak_memory()
+    losses, times = [], []
+    for i, rows in enumerate(steps):
+        if profile and i == warmup:
+            return {"profile": profile_steps(step, steps[i:i + 2])}
+        started = time.perf_counter()
+        losses.append(step(rows))
+        synchronize()
+        times.append(time.perf_counter() - started)
+    measured = times[warmup:]
+    real_tokens = sum(len(r.input_ids) for rows in steps[warmup:] for r in rows)
+    return {"steps_measured": len(measured), "median_step_s": round(statistics.median(measured), 4),
+            "real_tokens_per_s": round(real_tokens / sum(measured), 1),
+            "peak_memory_gib": peak_memory_gib(),
+            "first_losses": [round(x, 5) for x in losses[:3]], "warmup_s": round(sum(times[:warmup]), 1)}
+
+
+def profile_steps(step, steps: list[list]) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for rows in steps:
+            step(rows)
+        synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+
+
+def run_contender(args) -> dict:
+    """One contender in this process: the realistic mix, then the study's configuration (8 rows of 1024 tokens)."""
+    vocab = SHAPES[args.shape]["vocab_size"]
+    rows = make_rows(realistic_lengths(args.rows, args.median, args.sigma, 1024, SEED), vocab, SEED)
+    study_rows = make_rows([1024] * 8 * 3, vocab, SEED + 1)
+    steps = batches(rows, 8)
+    started = time.perf_counter()
+    if args.contender == "hf":
+        step, setup = hf_baseline(args.model_dir, len(steps))
+    else:
+        step, setup = relaytune_path(args.model_dir, len(steps), rows, json.loads(args.train_overrides))
+    result = {"contender": args.contender, "setup": setup, "load_s": round(time.perf_counter() - started, 1)}
+    result["realistic_mix"] = measure(step, steps, args.warmup, args.profile_steps)
+    if not args.profile_steps:
+        study = measure(step, batches(study_rows, 8), 1, False)
+        result["study_config_seq1024_batch8"] = {k: study[k] for k in ("peak_memory_gib", "real_tokens_per_s",
+                                                                       "median_step_s")}
+    return result
+
+
+# ---------------------------------------------------------------- driver
+
+def parse_variant(text: str) -> tuple[str, dict, dict]:
+    """NAME=KEY=VALUE,... -> (name, RELAYTUNE_* environment, train.* overrides)."""
+    name, _, spec = text.partition("=")
+    env, train = {}, {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key.startswith("train."):
+            train[key.removeprefix("train.")] = json.loads(value)
+        else:
+            env["RELAYTUNE_" + key.upper()] = value
+    return name, env, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="mistral-7b")
+    parser.add_argument("--model-dir", type=Path, help="default: /tmp/random-<shape>")
+    parser.add_argument("--rows", type=int, default=128, help="rows of the realistic mix (8 per step)")
+    parser.add_argument("--median", type=int, default=300)
+    parser.add_argument("--sigma", type=float, default=0.6)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--contenders", default="hf,relaytune")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE,... (see above)")
+    parser.add_argument("--profile", default=None, help="print the top CUDA kernels of this contender instead")
+    parser.add_argument("--out", type=Path)
+    # internal: run one contender in this process
+    parser.add_argument("--contender")
+    parser.add_argument("--train-overrides", default="{}")
+    parser.add_argument("--profile-steps", action="store_true")
+    args = parser.parse_args()
+    args.model_dir = args.model_dir or Path(f"/tmp/random-{args.shape}")
+    if args.contender:
+        print(json.dumps(run_contender(args)))
+        return
+
+    build_random_model(args.model_dir, SHAPES[args.shape])
+    variants = {"hf": ({}, {}), "relaytune": ({}, {})}
+    variants.update({name: (env, train) for name, env, train in map(parse_variant, args.variant)})
+    names = [n for n in args.contenders.split(",") if n] + [parse_variant(v)[0] for v in args.variant]
+    if args.profile:
+        names = [args.profile]
+    results = {}
+    for name in names:
+        env, train = variants[name]
+        cmd = [sys.executable, "-m", "bench.train_throughput", "--contender", "hf" if name == "hf" else "relaytune",
+               "--shape", args.shape, "--model-dir", str(args.model_dir), "--rows", str(args.rows),
+               "--median", str(args.median), "--sigma", str(args.sigma), "--warmup", str(args.warmup),
+               "--train-overrides", json.dumps(train)]
+        if args.profile:
+            cmd.append("--profile-steps")
+        proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+        if args.out:
+            (args.out.parent / f"{name}.stderr.log").write_text(proc.stderr)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            results[name] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        else:
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[name]["env"], results[name]["train_overrides"] = env, train
+        if args.profile:
+            print(results[name].get("realistic_mix", {}).get("profile", results[name]))
+            return
+        report = summarise(results, args)
+        print(f"{name}: {json.dumps(results[name].get('realistic_mix', results[name]))}", file=sys.stderr, flush=True)
+        if args.out:  # after every contender, so that a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    print_table(report)
+
+
+def summarise(results: dict, args) -> dict:
+    import peft
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+    n = non_embedding_params(SHAPES[args.shape])
+    try:
+        import bitsandbytes
+        bnb = bitsandbytes.__version__
+    except ImportError:
+        bnb = None
+    base = results.get("hf", {})
+    for r in results.values():
+        mix = r.get("realistic_mix")
+        if not mix or "real_tokens_per_s" not in mix:
+            continue
+        mix["mfu"] = round(6 * n * mix["real_tokens_per_s"] / peak, 4) if peak else None
+        if base.get("realistic_mix") and r is not base:
+            mix["speedup_vs_hf"] = round(mix["real_tokens_per_s"] / base["realistic_mix"]["real_tokens_per_s"], 3)
+            mix["first_loss_rel_diff_vs_hf"] = round(
+                abs(mix["first_losses"][0] - base["realistic_mix"]["first_losses"][0])
+                / base["realistic_mix"]["first_losses"][0], 6)
+            study, base_study = r.get("study_config_seq1024_batch8"), base.get("study_config_seq1024_batch8")
+            if study and base_study:
+                study["memory_ratio_vs_hf"] = round(study["peak_memory_gib"] / base_study["peak_memory_gib"], 3)
+    return {"benchmark": "train_throughput", "shape": args.shape, "gpu": gpu, "peak_bf16_flops": peak, "flops_per_token": f"6N, N={n}",
+            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+                         "peft": peft.__version__, "bitsandbytes": bnb},
+            "rows": {"n": args.rows, "lognormal_median": args.median, "sigma": args.sigma, "cap": 1024,
+                     "effective_batch_size": 8, "warmup_steps": args.warmup},
+            "contenders": results}
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'contender':<22}{'real tok/s':>11}{'x hf':>7}{'median s':>9}{'peak GiB':>9}{'MFU':>7}"
+          f"{'loss step1':>11}{'seq1024 GiB':>12}{'x hf mem':>9}")
+    for name, r in report["contenders"].items():
+        mix, study = r.get("realistic_mix", {}), r.get("study_config_seq1024_batch8", {})
+        if "real_tokens_per_s" not in mix:
+            print(f"{name:<22}{r.get('error', 'no result')}")
+            continue
+        print(f"{name:<22}{mix['real_tokens_per_s']:>11.0f}{mix.get('speedup_vs_hf', 1.0):>7.2f}"
+              f"{mix['median_step_s']:>9.3f}{mix['peak_memory_gib']:>9.2f}{mix.get('mfu') or 0:>7.3f}"
+              f"{mix['first_losses'][0]:>11.4f}{study.get('peak_memory_gib', float('nan')):>12.2f}"
+              f"{study.get('memory_ratio_vs_hf', 1.0):>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
