@@ -69,9 +69,17 @@ class Answers:
 
 def generate_answers(items: list[HeldoutItem], params: Params, which: str) -> Answers:
     """Greedy answers of the base model or of base + the evaluated epoch's adapter, as a student would ask."""
-    provider = ProviderParams(max_new_tokens=params.eval.max_new_tokens, batch_size=params.eval.batch_size)
+    e = params.eval
     adapter = adapter_dir(params) if which == "tuned" else None
-    generator = make_generator(provider, params.model, f"eval ({which})", adapter=adapter)
+    if e.server is None:
+        provider = ProviderParams(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    else:
+        provider = ProviderParams(provider="openai", model=e.server.tuned_model if adapter else e.server.base_model,
+                                  base_url=e.server.base_url, api_key_env=e.server.api_key_env,
+                                  timeout_s=e.server.timeout_s, max_retries=e.server.max_retries,
+                                  max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    generator = make_generator(provider, params.model, "eval.server" if e.server else f"eval ({which})",
+                               adapter=adapter)
     requests = [[{"role": "user", "content": item.question}] for item in items]
     completions = generator.generate(requests, Decoding(params.eval.max_new_tokens), desc=f"answers ({which})")
     return Answers(which, completions, generator.model_info)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .errors import RelaytuneError
 from .io import atomic_write_json
+from .models import sha256_file
 from .params import ModelParams, ProviderParams
 
 log = logging.getLogger(__name__)
@@ -279,20 +280,24 @@ def completions_cache_dir() -> Path:
 def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir: str | Path | None = None,
                    adapter: Path | None = None) -> TextGenerator:
     """`where` is the params path of `p` (e.g. "synth.teacher"), used in error messages. `adapter`: a LoRA
-    adapter folder applied on the local model."""
+    adapter folder, merged into the local model, or (openai) the one the server serves under `p.model`."""
     cache = GenerationCache(cache_dir or completions_cache_dir())
+    adapter_hash = "sha256:" + sha256_file(Path(adapter) / "adapter_model.safetensors") if adapter else None
     if p.provider == "openai":
         backend = OpenAIBackend(p, where)  # checks the key now, before any work
-        info = {"provider": "openai", "model": p.model, "base_url": backend.base_url, "content_hash": None, "dtype": None}
-        return TextGenerator(lambda: backend, "openai", backend.model_id, cache, p.batch_size, info)
+        # A server keeps a name when its adapter changes: the adapter's hash keeps the cache honest.
+        model_id = f"{backend.model_id}@{backend.base_url}" + (f"+{adapter_hash}" if adapter_hash else "")
+        info = {"provider": "openai", "model": p.model, "base_url": backend.base_url, "content_hash": None, "dtype": None,
+                "adapter": str(adapter) if adapter else None, "adapter_hash": adapter_hash}
+        return TextGenerator(lambda: backend, "openai", model_id if adapter else backend.model_id, cache,
+                             p.batch_size, info)
 
-    from .models import resolve_base_model, sha256_file
+    from .models import resolve_base_model
     from .provenance import inference_dtype
 
     model_params = model if p.model in (None, model.base) else model.model_copy(update={"base": p.model, "revision": None})
     ref = resolve_base_model(model_params)
     dtype = inference_dtype(model.dtype)
-    adapter_hash = "sha256:" + sha256_file(Path(adapter) / "adapter_model.safetensors") if adapter else None
     # The same weights in another dtype, or with another adapter, generate other text.
     model_id = f"{ref.content_hash}{'+' + adapter_hash if adapter_hash else ''}:{dtype}"
     return TextGenerator(

@@ -137,6 +137,18 @@ TRAIN_MATH_PARAMS = [
 PARAMS_HASH_KEYS = [k for k in TRAIN_MATH_PARAMS if not k.startswith("model.")]
 
 
+class EvalServer(StrictModel):
+    """An OpenAI-compatible server that serves the base model and the adapter, e.g. `vllm serve BASE --enable-lora
+    --lora-modules tuned=models/epoch3`: the held-out answers come from it instead of the local model."""
+
+    base_url: str
+    base_model: str  # the name the server gives the base model
+    tuned_model: str  # the name it gives the adapter of eval.adapter_epoch
+    api_key_env: str | None = None
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=50)
+
+
 class EvalParams(StrictModel):
     # Which epoch's adapter is "tuned" (the final one by default).
     adapter_epoch: int = Field(3, ge=1, le=3)
@@ -145,7 +157,10 @@ class EvalParams(StrictModel):
     # BERTScore takes token embeddings from this layer of the encoder (all-MiniLM-L6-v2 has 6: the last one).
     encoder_num_layers: int = Field(6, ge=1)
     max_new_tokens: int = Field(96, ge=1)
+    # local: rows per generate() call; server: requests in flight at once.
     batch_size: int = Field(16, ge=1)
+    # null: answers from the local model (base, and base + adapter merged).
+    server: EvalServer | None = None
     # Forgetting: general text for perplexity and KL (null: the pydoc topics that ship with Python) ...
     general_text: str | None = None
     general_chunks: int = Field(24, ge=2)

@@ -79,3 +79,32 @@ def test_real_llama_cpp_server_generates_and_caches(tmp_path, llama_server):
     assert gen.stats.tokens_per_second and gen.stats.tokens_per_second > 0
     again = _gen(tmp_path, llama_server).generate(requests, Decoding(24))
     assert [c.text for c in again] == [c.text for c in first] and all(c.cached for c in again)
+
+
+def test_eval_answers_from_a_server_that_serves_base_and_adapter(tmp_path, monkeypatch):
+    from relaytune.evaluate import HeldoutItem, generate_answers
+    from relaytune.params import Params
+
+    server = StubServer(lambda body: (200, completion_body(f"answer of {body['model']}")))
+    try:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("RELAYTUNE_CACHE", str(tmp_path / "cache"))
+        epoch = tmp_path / "models" / "epoch3"
+        epoch.mkdir(parents=True)
+        (epoch / "manifest.json").write_text("{}")
+        (epoch / "adapter_model.safetensors").write_bytes(b"adapter one")
+        params = Params.model_validate({"eval": {"server": {"base_url": server.base_url, "base_model": "base",
+                                                            "tuned_model": "tuned", "max_retries": 0}}})
+        items = [HeldoutItem(f"q{i}", "adm-fee", "admissions", True, f"question {i}?", "ref") for i in range(3)]
+        tuned = generate_answers(items, params, "tuned")
+        base = generate_answers(items, params, "base")
+        assert [c.text for c in tuned.completions] == ["answer of tuned"] * 3
+        assert [c.text for c in base.completions] == ["answer of base"] * 3
+        assert tuned.model_info["adapter_hash"].startswith("sha256:") and len(server.requests) == 6
+        generate_answers(items, params, "tuned")
+        assert len(server.requests) == 6  # cached
+        (epoch / "adapter_model.safetensors").write_bytes(b"adapter two")  # the server now serves another adapter
+        generate_answers(items, params, "tuned")
+        assert len(server.requests) == 9  # same served name, new adapter: asked again
+    finally:
+        server.close()

@@ -108,7 +108,8 @@ def test_micro_batch_is_a_host_knob_that_keeps_the_math(repo):
     manifest = json.loads((repo / "models" / "epoch1" / "manifest.json").read_text())
     assert manifest["host"]["micro_batch_size"] == 1 and manifest["host"]["gradient_accumulation_steps"] == 4
     assert manifest["host"]["profile"]["gradient_checkpointing"] is False and not manifest["host"]["gradient_checkpointing"]
-    assert manifest["host"]["effective_profile"]["packing"] and manifest["host"]["optimisations"]["packing"]["applied"]
+    assert manifest["host"]["effective_profile"]["packing"] is False  # null resolves to off on a CPU
+    assert manifest["host"]["optimisations"]["liger"] == {"applied": False, "reason": "no CUDA GPU"}
     # The continuation with the whole batch at once is accepted: host knobs are not part of the lineage.
     run_epoch(repo, 2)
     reference = in_process_run(repo, 1, HostProfile(gradient_checkpointing=True))
@@ -179,10 +180,10 @@ def test_packing_keeps_rows_apart(repo):
 def test_effective_profile_resolves_each_null_for_the_machine():
     cpu = effective_profile(HostProfile(), "cpu", "float32", None)
     assert (cpu.packing, cpu.micro_batch_tokens, cpu.gradient_checkpointing, cpu.attn_implementation, cpu.compile,
-            cpu.frozen_weights_fp32) == (True, None, False, None, False, True)
+            cpu.frozen_weights_fp32) == (False, None, False, None, False, True)
     h100 = effective_profile(HostProfile(), "cuda", "bfloat16", (9, 0))
-    assert (h100.micro_batch_tokens, h100.gradient_checkpointing, h100.attn_implementation, h100.compile,
-            h100.frozen_weights_fp32) == (3072, True, "flex_attention", True, False)
+    assert (h100.packing, h100.micro_batch_tokens, h100.gradient_checkpointing, h100.attn_implementation, h100.compile,
+            h100.frozen_weights_fp32) == (True, 3072, True, "flex_attention", True, False)
     t4 = effective_profile(HostProfile(), "cuda", "float16", (7, 5))
     assert (t4.attn_implementation, t4.compile, t4.frozen_weights_fp32) == (None, False, True)
     asked = HostProfile(packing=False, micro_batch_tokens=512, attn_implementation="sdpa", compile=True)
@@ -209,7 +210,7 @@ def first_losses(root: Path, host: HostProfile, steps: int = 2) -> tuple[list[fl
 def test_each_speed_up_keeps_the_loss(repo, knobs):
     set_params(repo, **{"lora.dropout": 0.0})  # dropout masks depend on tensor shapes
     reference, _ = first_losses(repo, HostProfile(packing=False))
-    losses, applied = first_losses(repo, HostProfile(**knobs))
+    losses, applied = first_losses(repo, HostProfile(packing=True, **knobs))
     assert losses[0] == pytest.approx(reference[0], rel=1e-4) and losses[1] == pytest.approx(reference[1], rel=1e-3)
     assert applied["packing"] == {"applied": True, "leak": 0.0}
     assert applied["liger"] == {"applied": False, "reason": "no CUDA GPU"}
@@ -219,7 +220,7 @@ def test_each_speed_up_keeps_the_loss(repo, knobs):
 def test_the_packing_check_leaves_4bit_weights_trainable(repo):
     from bitsandbytes.nn import Linear4bit
 
-    run = prepared_run(repo)
+    run = prepared_run(repo, HostProfile(packing=True))
     assert run.optimisations["packing"]["applied"]
     # An eval-mode forward on a CPU would have repacked them for inference (no backward through them).
     layers = [m for m in run.model.modules() if isinstance(m, Linear4bit)]
@@ -229,15 +230,21 @@ def test_the_packing_check_leaves_4bit_weights_trainable(repo):
 def test_bf16_frozen_weights_keep_the_loss_within_bf16_rounding(repo):
     set_params(repo, **{"lora.dropout": 0.0})
     fp32_frozen, _ = first_losses(repo, HostProfile(dtype="bfloat16", frozen_weights_fp32=True), steps=1)
-    bf16_frozen, _ = first_losses(repo, HostProfile(dtype="bfloat16"), steps=1)
+    bf16_frozen, _ = first_losses(repo, HostProfile(dtype="bfloat16"), steps=1)  # null: bf16 in bf16
     assert bf16_frozen[0] == pytest.approx(fp32_frozen[0], rel=1e-3)
 
 
 def test_a_model_that_lets_packed_rows_see_each_other_trains_padded(repo, monkeypatch):
     import transformers.masking_utils
 
+    import relaytune.train
+
     # Without packed-sequence detection the mask is causal over the whole packed row: rows see their neighbours.
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda *a, **k: None)
+    # Packing left to the machine (null) and resolved to on, as on a GPU.
+    resolve = relaytune.train.effective_profile
+    monkeypatch.setattr(relaytune.train, "effective_profile",
+                        lambda host, *a: resolve(host, *a).model_copy(update={"packing": True}))
     run = prepared_run(repo)
     assert run.optimisations["packing"]["applied"] is False and run.optimisations["packing"]["leak"] > 1e-2
     assert run.host.packing is False
