@@ -286,11 +286,10 @@ def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir:
     if p.provider == "openai":
         backend = OpenAIBackend(p, where)  # checks the key now, before any work
         # A server keeps a name when its adapter changes: the adapter's hash keeps the cache honest.
-        model_id = f"{backend.model_id}@{backend.base_url}" + (f"+{adapter_hash}" if adapter_hash else "")
+        model_id = backend.model_id + (f"@{backend.base_url}+{adapter_hash}" if adapter_hash else "")
         info = {"provider": "openai", "model": p.model, "base_url": backend.base_url, "content_hash": None, "dtype": None,
                 "adapter": str(adapter) if adapter else None, "adapter_hash": adapter_hash}
-        return TextGenerator(lambda: backend, "openai", model_id if adapter else backend.model_id, cache,
-                             p.batch_size, info)
+        return TextGenerator(lambda: backend, "openai", model_id, cache, p.batch_size, info)
 
     from .models import resolve_base_model
     from .provenance import inference_dtype

@@ -28,9 +28,9 @@ class HostProfile(StrictModel):
     # null: the whole effective batch in one micro-batch.
     micro_batch_size: int | None = Field(None, ge=1)
     # Concatenate each micro-batch's rows into one padding-free sequence whose position ids restart per row.
-    # null: on with a GPU; off on a CPU, where attention over a packed row costs the whole square (measured 2x
-    # slower on SmolLM2). The run first checks that the model keeps packed rows apart (a row's logits must not change when its
-    # neighbour does); a model that leaks trains padded instead, and the manifest says so.
+    # null: on with a GPU; off on a CPU, where attention over a packed row costs the whole square (slower on
+    # SmolLM2). The run first checks that the model keeps packed rows apart (a row's logits must not change when
+    # its neighbour does); a model that leaks trains padded instead, and the manifest says so.
     packing: bool | None = None
     # Tokens per micro-batch at most (a row is never split; a longer one goes alone). null: 3072 on a GPU (a 7B QLoRA
     # step then peaks near 6 GiB; bench/train_throughput.py measures it), no limit on a CPU.

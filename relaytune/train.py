@@ -360,12 +360,12 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
     model = AutoModelForCausalLM.from_pretrained(weights_dir or base.path, **kwargs)
     if method != "qlora":
         model.to(device)
-    kernels = {"liger": apply_liger_kernels(model, host, device)}
+    optimisations = {"liger": apply_liger_kernels(model, host, device)}
     if method == "full":
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        return model, kernels
+        return model, optimisations
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora" and host.frozen_weights_fp32:
@@ -379,7 +379,7 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
     lora = params.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, config), kernels
+    return get_peft_model(model, config), optimisations
 
 
 def qlora_config(params: Params, dtype: torch.dtype):
