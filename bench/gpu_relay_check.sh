@@ -1,20 +1,10 @@
 #!/usr/bin/env bash
 # On the device machine: a QLoRA epoch made on the GPU (for the CPU to continue), and a CPU-made epoch continued on
 # the GPU. Carry .whl (bitsandbytes, dvclive, pydantic, datasets and their missing deps) and .gpucheck
-# (tiny-base/, train.jsonl, cpu-epoch1/), made here by bench/gpu_relay_prepare.sh.
+# (tiny-base/, train.jsonl, cpu-epoch1/), made here as the README's "Checks on a GPU host" says.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RELAYTUNE_CACHE=/tmp/rtcache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source bench/gpu_common.sh
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'bf16', torch.cuda.is_bf16_supported())"
-
-workdir() {  # a minimal checkout that trains on the tiny base model with the real synthetic data
-  mkdir -p "$1/data/audit" "$1/models"
-  cp -r relaytune stages params.yaml "$1/"
-  cp -r .gpucheck/tiny-base "$1/tiny-base"
-  cp .gpucheck/train.jsonl "$1/data/audit/train.jsonl"
-  sed -i 's|^  base: .*|  base: tiny-base|' "$1/params.yaml"
-}
 
 workdir /tmp/gpu-made
 (cd /tmp/gpu-made && python3 -m stages.train_epoch --epoch 1 2>&1 | grep -vE "it/s|step/s|examples/s" | tail -5)

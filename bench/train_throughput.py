@@ -9,7 +9,8 @@ Contenders (each in its own process: Liger patches transformers' classes process
              bf16=True), rows padded per micro-batch, the whole effective batch in one micro-batch.
   relaytune  relaytune.train.TrainingRun with its defaults (host profile and params as shipped).
   more, as NAME=KEY=VALUE,...: relaytune with host-profile knobs (RELAYTUNE_* variables) or train.* params changed,
-             e.g. --variant padded=train.packing=false
+             e.g. --variant padded=packing=false; processes=N runs it under torchrun on N processes (DDP, one per
+             GPU; N=1 too, which measures the DDP wrapper alone), e.g. --variant ddp2=processes=2
 Weight values do not change speed, so the model is random; the first steps' losses still check that two contenders
 compute the same thing (LoRA B starts at zero, so step 1 is the base model's loss in both).
 """
@@ -217,17 +218,19 @@ def run_contender(args) -> dict:
 
 # ---------------------------------------------------------------- driver
 
-def parse_variant(text: str) -> tuple[str, dict, dict]:
-    """NAME=KEY=VALUE,... -> (name, RELAYTUNE_* environment, train.* overrides)."""
+def parse_variant(text: str) -> tuple[str, dict, dict, int | None]:
+    """NAME=KEY=VALUE,... -> (name, RELAYTUNE_* environment, train.* overrides, torchrun processes or None)."""
     name, _, spec = text.partition("=")
-    env, train = {}, {}
+    env, train, processes = {}, {}, None
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         if key.startswith("train."):
             train[key.removeprefix("train.")] = json.loads(value)
+        elif key == "processes":
+            processes = int(value)
         else:
             env["RELAYTUNE_" + key.upper()] = value
-    return name, env, train
+    return name, env, train, processes
 
 
 def main() -> None:
@@ -249,19 +252,23 @@ def main() -> None:
     args = parser.parse_args()
     args.model_dir = args.model_dir or Path(f"/tmp/random-{args.shape}")
     if args.contender:
-        print(json.dumps(run_contender(args)))
+        result = run_contender(args)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(json.dumps(result))
         return
 
     build_random_model(args.model_dir, SHAPES[args.shape])
-    variants = {"hf": ({}, {}), "relaytune": ({}, {})}
-    variants.update({name: (env, train) for name, env, train in map(parse_variant, args.variant)})
+    variants = {"hf": ({}, {}, None), "relaytune": ({}, {}, None)}
+    variants.update({name: (env, train, processes) for name, env, train, processes in map(parse_variant, args.variant)})
     names = [n for n in args.contenders.split(",") if n] + [parse_variant(v)[0] for v in args.variant]
     if args.profile:
         names = [args.profile]
     results = {}
     for name in names:
-        env, train = variants[name]
-        cmd = [sys.executable, "-m", "bench.train_throughput", "--contender", "hf" if name == "hf" else "relaytune",
+        env, train, processes = variants[name]
+        launcher = [] if processes is None else ["-m", "torch.distributed.run", "--standalone",
+                                                 f"--nproc-per-node={processes}"]
+        cmd = [sys.executable, *launcher, "-m", "bench.train_throughput", "--contender", "hf" if name == "hf" else "relaytune",
                "--shape", args.shape, "--model-dir", str(args.model_dir), "--rows", str(args.rows),
                "--median", str(args.median), "--sigma", str(args.sigma), "--warmup", str(args.warmup),
                "--train-overrides", json.dumps(train)]
@@ -269,6 +276,7 @@ def main() -> None:
             cmd.append("--profile-steps")
         proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
         if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
             (args.out.parent / f"{name}.stderr.log").write_text(proc.stderr)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -276,13 +284,13 @@ def main() -> None:
         else:
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
             results[name]["env"], results[name]["train_overrides"] = env, train
+            results[name]["processes"] = processes or 1
         if args.profile:
             print(results[name].get("realistic_mix", {}).get("profile", results[name]))
             return
         report = summarise(results, args)
         print(f"{name}: {json.dumps(results[name].get('realistic_mix', results[name]))}", file=sys.stderr, flush=True)
         if args.out:  # after every contender, so that a run cut short keeps what it measured
-            args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     print_table(report)
@@ -301,11 +309,16 @@ def summarise(results: dict, args) -> dict:
     except ImportError:
         bnb = None
     base = results.get("hf", {})
+    single = results.get("relaytune", {}).get("realistic_mix") or {}
     for r in results.values():
         mix = r.get("realistic_mix")
         if not mix or "real_tokens_per_s" not in mix:
             continue
-        mix["mfu"] = round(6 * n * mix["real_tokens_per_s"] / peak, 4) if peak else None
+        gpus = r.get("processes", 1)
+        mix["mfu"] = round(6 * n * mix["real_tokens_per_s"] / (peak * gpus), 4) if peak else None
+        if gpus > 1 and "real_tokens_per_s" in single:
+            # Strong scaling: the same global batch (the math) dealt over more processes.
+            mix["scaling_efficiency_vs_relaytune"] = round(mix["real_tokens_per_s"] / (gpus * single["real_tokens_per_s"]), 3)
         if base.get("realistic_mix") and r is not base:
             mix["speedup_vs_hf"] = round(mix["real_tokens_per_s"] / base["realistic_mix"]["real_tokens_per_s"], 3)
             mix["first_loss_rel_diff_vs_hf"] = round(
@@ -323,17 +336,17 @@ def summarise(results: dict, args) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{'contender':<22}{'real tok/s':>11}{'x hf':>7}{'median s':>9}{'peak GiB':>9}{'MFU':>7}"
-          f"{'loss step1':>11}{'seq1024 GiB':>12}{'x hf mem':>9}")
+    print(f"\n{'contender':<22}{'procs':>6}{'real tok/s':>11}{'x hf':>7}{'median s':>9}{'peak GiB':>9}{'MFU':>7}"
+          f"{'loss step1':>11}{'seq1024 GiB':>12}{'x hf mem':>9}{'scaling':>8}")
     for name, r in report["contenders"].items():
         mix, study = r.get("realistic_mix", {}), r.get("study_config_seq1024_batch8", {})
         if "real_tokens_per_s" not in mix:
             print(f"{name:<22}{r.get('error', 'no result')}")
             continue
-        print(f"{name:<22}{mix['real_tokens_per_s']:>11.0f}{mix.get('speedup_vs_hf', 1.0):>7.2f}"
+        print(f"{name:<22}{r.get('processes', 1):>6}{mix['real_tokens_per_s']:>11.0f}{mix.get('speedup_vs_hf', 1.0):>7.2f}"
               f"{mix['median_step_s']:>9.3f}{mix['peak_memory_gib']:>9.2f}{mix.get('mfu') or 0:>7.3f}"
               f"{mix['first_losses'][0]:>11.4f}{study.get('peak_memory_gib', float('nan')):>12.2f}"
-              f"{study.get('memory_ratio_vs_hf', 1.0):>9.2f}")
+              f"{study.get('memory_ratio_vs_hf', 1.0):>9.2f}{mix.get('scaling_efficiency_vs_relaytune', ''):>8}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,12 @@ class HostProfile(StrictModel):
     """Each knob's null means "pick for this machine": `effective_profile` resolves it, and the manifest records both
     what was asked and what ran."""
 
-    # Rows per forward/backward; the stage accumulates gradients to reach train.effective_batch_size.
-    # null: the whole effective batch in one micro-batch.
+    # Training processes (DDP, one per GPU): each optimizer step's rows are dealt out across them, so the math stays
+    # that of one process. null: one per visible GPU (one on a CPU). A stage started by `accelerate launch` or
+    # `torchrun` runs with the launcher's processes instead. Several CPU processes use gloo (tests).
+    num_processes: int | None = Field(None, ge=1)
+    # Rows per forward/backward in each process; the stage accumulates gradients to reach
+    # train.effective_batch_size. null: the process's whole share of the effective batch in one micro-batch.
     micro_batch_size: int | None = Field(None, ge=1)
     # Concatenate each micro-batch's rows into one padding-free sequence whose position ids restart per row.
     # null: on with a GPU; off on a CPU, where attention over a packed row costs the whole square (slower on
@@ -56,13 +60,15 @@ class HostProfile(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-def effective_profile(host: HostProfile, device: str, dtype: str, compute_capability: tuple[int, int] | None
-                      ) -> HostProfile:
-    """The profile with every null resolved for this machine (`dtype`: the resolved compute dtype). Pure."""
+def effective_profile(host: HostProfile, device: str, dtype: str, compute_capability: tuple[int, int] | None,
+                      num_processes: int = 1) -> HostProfile:
+    """The profile with every null resolved for this machine (`dtype`: the resolved compute dtype; `num_processes`:
+    how many processes actually run). Pure."""
     gpu = device == "cuda"
     flex = gpu and compute_capability is not None and compute_capability >= (8, 0)
     attn = host.attn_implementation or ("flex_attention" if flex else None)
     return host.model_copy(update={
+        "num_processes": num_processes,
         "packing": gpu if host.packing is None else host.packing,
         "micro_batch_tokens": host.micro_batch_tokens or (3072 if gpu else None),
         "gradient_checkpointing": gpu if host.gradient_checkpointing is None else host.gradient_checkpointing,

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Callable
 
 from .errors import RelaytuneError
+
+
+class Stopped(BaseException):
+    """SIGTERM (a launcher stopping its workers, a scheduler's preemption): unwinds like Ctrl-C, so that every temp file
+    is removed on the way out. A BaseException, so that no `except RelaytuneError` swallows it."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
 
 
 def run_stage(main: Callable[[], None]) -> None:
@@ -15,11 +25,19 @@ def run_stage(main: Callable[[], None]) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=os.environ.get("RELAYTUNE_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    # Processes of a distributed run other than rank 0 log only warnings, each line saying whose it is.
+    rank = os.environ.get("RANK", "0")
+    prefix = f"rank {rank}/{os.environ['WORLD_SIZE']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    level = os.environ.get("RELAYTUNE_LOG", "INFO") if rank == "0" else "WARNING"
+    logging.basicConfig(level=level, format=f"%(levelname)s {prefix}%(name)s: %(message)s")
     for noisy in ("httpx", "openai", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         main()
     except RelaytuneError as e:
-        print(f"relaytune: error: {e}", file=sys.stderr)
+        print(f"relaytune: error: {prefix}{e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        print(f"relaytune: {prefix}stopped by {e}; outputs already written are untouched", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)

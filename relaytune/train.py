@@ -3,10 +3,14 @@
 A recipe in three parts, read top to bottom: `TrainingRun.setup` (model, optimizer, scheduler and the state handed
 over by the parent epoch or a mid-epoch checkpoint), `TrainingRun.train_epoch` (the loop), `TrainingRun.save`
 (adapter or weights, optimizer, scheduler, RNG, trainer state and a manifest, written atomically as one folder).
+
+Under DDP (several processes, relaytune/distributed.py) every rank holds the whole model and the same data order;
+each optimizer step's rows are dealt out across the ranks, gradients are averaged by DDP, and only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -112,6 +116,27 @@ def epoch_batches(n_rows: int, effective_batch_size: int, seed: int, epoch: int)
     return [order[i:i + effective_batch_size] for i in range(0, n_rows, effective_batch_size)]
 
 
+def rank_share(step_rows: list, rank: int, num_processes: int) -> list:
+    """The rows of one optimizer step that `rank` computes: dealt round-robin, so every rank gets a share of the step
+    within one row of the others'."""
+    return step_rows[rank::num_processes]
+
+
+def rank_disagreement(starts: list[dict]) -> str | None:
+    """The first rank whose starting point (lineage, rows, resume step) differs from rank 0's, in words."""
+    for rank, theirs in enumerate(starts[1:], start=1):
+        different = [k for k in starts[0] if theirs[k] != starts[0][k]]
+        if different:
+            return (f"rank {rank} starts from another {', '.join(different)} than rank 0: every process must read "
+                    "the same training data, parent epoch and checkpoint")
+    return None
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps the run's seed (one process is unchanged); other ranks draw their own dropout masks."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def collate(examples: list[Example], pad_token_id: int, packing: bool) -> dict[str, torch.Tensor]:
     """Pad per micro-batch (labels with IGNORE_INDEX), or (packing) concatenate rows into one padding-free sequence
     whose position ids restart at every row, so that attention stays inside each row."""
@@ -172,6 +197,7 @@ class EpochReport:
     loss_last: float
     loss_mean: float
     resumed_from_step: int  # step_in_epoch restored from a mid-epoch checkpoint (0: none)
+    peak_memory_gib: float  # the largest of any rank's
 
     @property
     def tokens_per_second(self) -> float:
@@ -203,6 +229,15 @@ def restore_rng_state(state: dict[str, torch.Tensor], device: str) -> None:
     torch.set_rng_state(state["torch"])
     if device == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def rank_rng_state(saved: dict, rank: int) -> dict[str, torch.Tensor] | None:
+    """Rank `rank`'s generator state from an rng.pt (rank 0's at the top level, the others' under "other_ranks");
+    None where the run that saved it had fewer processes."""
+    if rank == 0:
+        return saved
+    others = saved.get("other_ranks", [])
+    return others[rank - 1] if rank <= len(others) else None
 
 
 def load_tensor_file(path: Path, device: str):
@@ -351,7 +386,8 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
         kwargs["attn_implementation"] = host.attn_implementation
     if method == "qlora":
         kwargs["quantization_config"] = qlora_config(params, dtype)
-        kwargs["device_map"] = {"": device}
+        # Each rank's 4-bit model on its own GPU (the one its process was bound to), never spread over several.
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}
         if not host.frozen_weights_fp32:
             kwargs["dtype"] = dtype  # the unquantized rest of the model
     else:
@@ -406,18 +442,27 @@ StepCallback = Callable[[dict], None]
 class TrainingRun:
     def __init__(self, params: Params, host: HostProfile, base: BaseModelRef, examples: list[Example],
                  lineage: Lineage, pad_token_id: int):
+        from accelerate import PartialState
+
         self.params = params
         self.base = base
         self.examples = examples
         self.lineage = lineage
         self.pad_token_id = pad_token_id
         self.device = training_device()
+        # Joins the process group when a launcher started this process (NCCL on GPUs, gloo on CPUs) and binds the
+        # process to its GPU, so that "cuda" below is this rank's own device.
+        self.processes = PartialState(cpu=self.device == "cpu")
+        self.rank, self.num_processes = self.processes.process_index, self.processes.num_processes
+        self.is_main = self.processes.is_main_process
         self.dtype = training_dtype(host)
         self.requested_host = host
         capability = torch.cuda.get_device_capability() if self.device == "cuda" else None
-        self.host = effective_profile(host, self.device, str(self.dtype).removeprefix("torch."), capability)
+        self.host = effective_profile(host, self.device, str(self.dtype).removeprefix("torch."), capability,
+                                      self.num_processes)
         t = params.train
-        self.micro_batch_size = min(host.micro_batch_size or t.effective_batch_size, t.effective_batch_size)
+        share = math.ceil(t.effective_batch_size / self.num_processes)  # rows of a step that one process computes
+        self.micro_batch_size = min(host.micro_batch_size or share, share)
         self.steps_per_epoch = math.ceil(len(examples) / t.effective_batch_size)
         # handoff=adapter: every epoch is a fresh run from the previous adapter, with its own schedule.
         self.schedule_steps = self.steps_per_epoch * (t.epochs if t.handoff == "state" else 1)
@@ -436,11 +481,12 @@ class TrainingRun:
             check_lineage(source, manifest, self.lineage)
         if parent_dir is not None:
             self.parent = verify_epoch_folder(parent_dir) if source != parent_dir else manifest
-        torch.manual_seed(self.params.seed)
+        torch.manual_seed(self.params.seed)  # the same LoRA initialisation on every rank
         full_weights = source if (source is not None and self.params.train.method == "full") else None
         self.model, self.optimisations = load_model(self.base, self.params, self.host, self.device, self.dtype,
                                                     full_weights)
         self.model.train()  # from_pretrained returns eval mode, where checkpointing and dropout do nothing
+        torch.manual_seed(rank_seed(self.params.seed, self.rank))
         if self.host.packing:
             self._check_packing()
         if self.host.compile:
@@ -451,18 +497,48 @@ class TrainingRun:
         self.scheduler = self._new_scheduler()
         use_scaler = self.device == "cuda" and self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        if source is None:
-            return
+        if source is not None:
+            self._restore(source, exact=checkpoint_dir is not None or t.handoff == "state")
+        self._check_ranks_agree()
+        self.train_model = self._wrap_for_ddp()
+
+    def _restore(self, source: Path, exact: bool) -> None:
+        """The adapter and trainer state of `source`; with `exact`, also optimizer, scheduler, scaler and RNG."""
         if self.params.train.method != "full":
             self._load_adapter(source)
         self.state = TrainerState(**read_json(source / TRAINER_STATE))
-        exact = checkpoint_dir is not None or self.params.train.handoff == "state"
         if exact:
             self.optimizer.load_state_dict(load_tensor_file(source / OPTIMIZER, self.device))
             self.scheduler.load_state_dict(load_tensor_file(source / SCHEDULER, "cpu"))
             if self.scaler is not None and (source / SCALER).exists():
                 self.scaler.load_state_dict(load_tensor_file(source / SCALER, "cpu"))
-            restore_rng_state(load_tensor_file(source / RNG, "cpu"), self.device)
+            saved_rng = rank_rng_state(load_tensor_file(source / RNG, "cpu"), self.rank)
+            if saved_rng is None:
+                log.info("rank %d: %s was saved by fewer processes; this rank's dropout stream starts afresh",
+                         self.rank, source / RNG)
+                torch.manual_seed(rank_seed(self.params.seed + self.state.global_step, self.rank))
+            else:
+                restore_rng_state(saved_rng, self.device)
+
+    def _wrap_for_ddp(self):
+        """The model that forward and backward run through: DDP's wrapper (gradients averaged over the ranks at
+        each step's last backward) under a launcher, the model itself otherwise."""
+        if not torch.distributed.is_initialized():
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [torch.cuda.current_device()] if self.device == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must start from the same lineage and resume state; hosts that read different files stop here."""
+        from accelerate.utils import gather_object
+
+        mine = {"lineage": asdict(self.lineage), "rows": len(self.examples), "epoch": self.state.epoch,
+                "global_step": self.state.global_step, "step_in_epoch": self.state.step_in_epoch}
+        problem = rank_disagreement(gather_object([mine]))
+        if problem:
+            raise RelaytuneError(problem)
 
     def _check_packing(self) -> None:
         leak = packing_leak(self.model, self.examples, self.device, self.dtype)
@@ -507,12 +583,13 @@ class TrainingRun:
             self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=t.learning_rate,
                                                weight_decay=t.weight_decay)
             self.scheduler = self._new_scheduler()
-            torch.manual_seed(self.params.seed * 1000 + epoch)
+            torch.manual_seed(rank_seed(self.params.seed * 1000 + epoch, self.rank))
         batches = epoch_batches(len(self.examples), t.effective_batch_size, self.params.seed, epoch)
         resumed_from = self.state.step_in_epoch
         tokens = 0
         started = time.perf_counter()
-        bar = tqdm(total=len(batches), initial=resumed_from, desc=f"epoch {epoch}", unit="step")
+        bar = tqdm(total=len(batches), initial=resumed_from, desc=f"epoch {epoch}", unit="step",
+                   disable=not self.is_main)
         for step_in_epoch in range(resumed_from, len(batches)):
             step_started = time.perf_counter()
             loss, step_tokens = self.optimizer_step([self.examples[i] for i in batches[step_in_epoch]])
@@ -535,32 +612,47 @@ class TrainingRun:
         self.state.step_in_epoch = 0
         this_epoch = [h["loss"] for h in self.state.history if h["epoch"] == epoch]
         return EpochReport(epoch, len(batches) - resumed_from, tokens, time.perf_counter() - started,
-                           this_epoch[0], this_epoch[-1], float(np.mean(this_epoch)), resumed_from)
+                           this_epoch[0], this_epoch[-1], float(np.mean(this_epoch)), resumed_from,
+                           self.peak_memory_gib())
 
     def optimizer_step(self, rows: list[Example]) -> tuple[float, int]:
-        """One optimizer step over the effective batch, in micro-batches; the loss is the mean over every answer
-        token of the whole batch, so the micro-batch size changes nothing but memory."""
+        """One optimizer step over the effective batch (all ranks' rows), in micro-batches; the loss is the mean over
+        every answer token of the whole batch, so neither the micro-batch size nor the number of processes changes
+        anything but memory and speed. Returns the whole batch's loss and token count."""
         n_answer_tokens = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in rows)
+        own = rank_share(rows, self.rank, self.num_processes)
+        # DDP averages gradients over the ranks, and each rank's loss is already a share of the whole batch's sum.
+        weight = float(self.num_processes)
+        if not own:  # fewer rows than processes: this rank still joins the gradient all-reduce, with zero weight
+            own, weight = rows[:1], 0.0
+        groups = micro_batches([len(e.input_ids) for e in own], self.micro_batch_size, self.host.micro_batch_tokens)
         total_loss = 0.0
         tokens = 0
         autocast = torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype != torch.float32)
         try:
-            for group in micro_batches([len(e.input_ids) for e in rows], self.micro_batch_size,
-                                       self.host.micro_batch_tokens):
-                micro = [rows[i] for i in group]
+            for index, group in enumerate(groups):
+                micro = [own[i] for i in group]
                 batch = {k: v.to(self.device) for k, v in
                          collate(micro, self.pad_token_id, self.host.packing).items()}
-                tokens += sum(len(e.input_ids) for e in micro)
-                with autocast:
-                    loss = self.model(**batch, num_items_in_batch=n_answer_tokens).loss
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-                total_loss += loss.item()
+                with self._gradient_sync(index == len(groups) - 1):
+                    with autocast:
+                        loss = self.train_model(**batch, num_items_in_batch=n_answer_tokens).loss
+                    (self.scaler.scale(loss * weight) if self.scaler else loss * weight).backward()
+                if weight:
+                    total_loss += loss.item()
+                    tokens += sum(len(e.input_ids) for e in micro)
         except torch.OutOfMemoryError:
             raise RelaytuneError(
                 f"out of memory at step {self.state.global_step + 1} on {accelerator()['name']} (micro-batch "
                 f"{self.micro_batch_size} rows of up to {max(len(e.input_ids) for e in rows)} tokens, method "
                 f"{self.params.train.method}): lower micro_batch_size in host.yaml (or RELAYTUNE_MICRO_BATCH_SIZE), "
                 "turn on gradient_checkpointing, or lower train.max_seq_len") from None
+        if self.num_processes > 1:
+            from accelerate.utils import reduce
+
+            total_loss, tokens = reduce(torch.tensor([total_loss, tokens], dtype=torch.float64,
+                                                     device=self.processes.device), reduction="sum").tolist()
+            tokens = int(tokens)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.params.train.max_grad_norm)
@@ -573,12 +665,38 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         return total_loss, tokens
 
+    def _gradient_sync(self, sync: bool):
+        """DDP averages gradients at every backward outside no_sync(): once per step, at its last micro-batch."""
+        if sync or not hasattr(self.train_model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
+
+    def peak_memory_gib(self) -> float:
+        """The largest peak of any rank (every rank must call it)."""
+        from accelerate.utils import gather_object
+
+        return max(gather_object([peak_memory_gib(self.device)]))
+
+    def finish(self) -> None:
+        """Wait for every rank (rank 0 may still be writing), then leave the process group."""
+        if torch.distributed.is_initialized():
+            self.processes.wait_for_everyone()
+            torch.distributed.destroy_process_group()
+
     # -- save_checkpoint
 
-    def save(self, directory: Path, manifest_extra: dict | None = None) -> dict:
-        """Write the whole resumable state to a temp folder, then swap it in: a kill never leaves half a folder."""
+    def save(self, directory: Path, manifest_extra: dict | None = None) -> dict | None:
+        """Write the whole resumable state to a temp folder, then swap it in: a kill never leaves half a folder.
+        Every rank calls it (each hands over its RNG state); rank 0 alone writes, and returns the manifest."""
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([rng_state(self.device)])
+        peak_memory = self.peak_memory_gib()
+        if not self.is_main:
+            return None
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_folders(directory)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         tmp.chmod(0o755)
         try:
@@ -588,11 +706,11 @@ class TrainingRun:
                 self.model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
             torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER)
             torch.save(self.scheduler.state_dict(), tmp / SCHEDULER)
-            torch.save(rng_state(self.device), tmp / RNG)
+            torch.save({**rng_states[0], "other_ranks": rng_states[1:]}, tmp / RNG)
             if self.scaler is not None:
                 torch.save(self.scaler.state_dict(), tmp / SCALER)
             atomic_write_json(tmp / TRAINER_STATE, asdict(self.state))
-            manifest = self.manifest(tmp, manifest_extra or {})
+            manifest = self.manifest(tmp, peak_memory, manifest_extra or {})
             atomic_write_json(tmp / MANIFEST, manifest)
             replace_folder(tmp, directory)
             return manifest
@@ -600,7 +718,7 @@ class TrainingRun:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def manifest(self, folder: Path, extra: dict) -> dict:
+    def manifest(self, folder: Path, peak_memory: float, extra: dict) -> dict:
         files = {p.name: "sha256:" + sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
         return {
             "epoch": self.state.epoch,
@@ -621,15 +739,27 @@ class TrainingRun:
                 "effective_profile": self.host.model_dump(),
                 "gradient_checkpointing": self.host.gradient_checkpointing,
                 "optimisations": self.optimisations,
-                "micro_batch_size": self.micro_batch_size,
-                "gradient_accumulation_steps": math.ceil(self.params.train.effective_batch_size / self.micro_batch_size),
-                "peak_memory_gib": peak_memory_gib(self.device),
-                "peak_memory_kind": "cuda max allocated" if self.device == "cuda" else "process max RSS",
+                "num_processes": self.num_processes,
+                "distributed_backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+                "micro_batch_size": self.micro_batch_size,  # rows per forward, in each process
+                "gradient_accumulation_steps": math.ceil(self.params.train.effective_batch_size
+                                                         / (self.micro_batch_size * self.num_processes)),
+                "peak_memory_gib": peak_memory,
+                "peak_memory_kind": ("cuda max allocated" if self.device == "cuda" else "process max RSS")
+                                    + (", the largest of any process" if self.num_processes > 1 else ""),
             },
             "libraries": library_versions(),
             "files": files,
             **extra,
         }
+
+
+def remove_stale_temp_folders(target: Path) -> None:
+    """Temp folders of `target` left by a process killed outright (SIGKILL leaves no chance to clean up); one stage
+    writes one target at a time, so none of them is in use."""
+    for stale in target.parent.glob(f".{target.name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -700,10 +830,11 @@ def epoch_metrics(run: TrainingRun, report: EpochReport, epoch_dir: Path, trunca
         "tokens": report.tokens,
         "seconds": round(report.seconds, 2),
         "tokens_per_second": report.tokens_per_second,
-        "peak_memory_gib": peak_memory_gib(run.device),
+        "peak_memory_gib": report.peak_memory_gib,
         "device": accelerator()["name"],
         "dtype": str(run.dtype).removeprefix("torch."),
         "micro_batch_size": run.micro_batch_size,
+        "num_processes": run.num_processes,
         "weights_mb": folder_size_mb(epoch_dir, model_files),
         "state_mb": folder_size_mb(epoch_dir),
     }

@@ -1,15 +1,19 @@
 """train_epochN: one epoch of fine-tuning that continues models/epoch{N-1} (or a mid-epoch checkpoint)."""
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
+from relaytune.distributed import launch, processes_to_launch_here
 from relaytune.errors import RelaytuneError
 from relaytune.host import load_host_profile
 from relaytune.io import atomic_write_json
+from relaytune.models import resolve_base_model
 from relaytune.params import load_params
 from relaytune.stage import run_stage
-from relaytune.train import epoch_metrics, prepare_run, reset_checkpoint_folder, usable_checkpoint
+from relaytune.train import (epoch_metrics, load_training_rows, prepare_run, reset_checkpoint_folder,
+                             usable_checkpoint)
 
 TRAIN_DATA = "data/audit/train.jsonl"
 
@@ -23,6 +27,14 @@ def main() -> None:
     t = params.train
     if not 1 <= epoch <= t.epochs:
         raise RelaytuneError(f"--epoch {epoch}: train.epochs is {t.epochs}")
+    num_processes = processes_to_launch_here(host.num_processes)
+    if num_processes > 1:
+        # Checked once here rather than once per process: the rows, and the base model (materialised and hashed
+        # before the workers would race for it).
+        load_training_rows(TRAIN_DATA)
+        resolve_base_model(params.model)
+        launch(num_processes, "stages.train_epoch", ["--epoch", str(epoch)], f"train_epoch{epoch}")
+        return
     run, truncated = prepare_run(params, host, TRAIN_DATA)
     parent = Path(f"models/epoch{epoch - 1}") if epoch > 1 else None
     checkpoint = Path(f"checkpoints/epoch{epoch}")
@@ -30,17 +42,21 @@ def main() -> None:
 
     started = time.perf_counter()
     run.setup(parent, checkpoint if usable_checkpoint(checkpoint, run.lineage, epoch) else None)
-    with LiveStepLog(epoch, run.state.history) as log_step:
+    # Only rank 0 logs steps and writes; every rank trains and takes part in saving.
+    live = LiveStepLog(epoch, run.state.history) if run.is_main else contextlib.nullcontext()
+    with live as log_step:
         report = run.train_epoch(epoch, on_step=log_step, checkpoint_every=t.checkpoint_every_steps,
                                  checkpoint_dir=checkpoint)
     wall = time.perf_counter() - started
     manifest = run.save(epoch_dir, {"kind": "epoch", "wall_seconds": round(wall, 1),
                                     "tokens_per_second": report.tokens_per_second, "rows_truncated": truncated})
-    reset_checkpoint_folder(checkpoint)
-    atomic_write_json(f"metrics/train_epoch{epoch}.json", {**epoch_metrics(run, report, epoch_dir, truncated),
-                                                          "wall_seconds": round(wall, 1)})
-    atomic_write_json(f"metrics/provenance/train_epoch{epoch}.json",
-                      {k: v for k, v in manifest.items() if k != "files"})
+    if run.is_main:
+        reset_checkpoint_folder(checkpoint)
+        atomic_write_json(f"metrics/train_epoch{epoch}.json", {**epoch_metrics(run, report, epoch_dir, truncated),
+                                                              "wall_seconds": round(wall, 1)})
+        atomic_write_json(f"metrics/provenance/train_epoch{epoch}.json",
+                          {k: v for k, v in manifest.items() if k != "files"})
+    run.finish()
 
 
 class LiveStepLog:
