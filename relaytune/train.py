@@ -486,7 +486,8 @@ class TrainingRun:
         self.model, self.optimisations = load_model(self.base, self.params, self.host, self.device, self.dtype,
                                                     full_weights)
         self.model.train()  # from_pretrained returns eval mode, where checkpointing and dropout do nothing
-        torch.manual_seed(rank_seed(self.params.seed, self.rank))
+        if self.rank:  # rank 0's stream runs on from the initialisation, as in one process
+            torch.manual_seed(rank_seed(self.params.seed, self.rank))
         if self.host.packing:
             self._check_packing()
         if self.host.compile:
