@@ -70,7 +70,7 @@ def reset_peak_memory() -> None:
 
 
 def peak_memory_gib() -> float:
-    from relaytune.train import peak_memory_gib as peak
+    from relaytune.train_model import peak_memory_gib as peak
 
     return round(peak(DEVICE), 2)
 
@@ -91,7 +91,7 @@ def realistic_lengths(n: int, median: int, sigma: float, cap: int, seed: int) ->
 
 def make_rows(lengths: list[int], vocab: int, seed: int):
     """Random token rows; the first quarter (at most 64 tokens) is the prompt, masked out of the loss."""
-    from relaytune.train import IGNORE_INDEX, Example
+    from relaytune.train_data import IGNORE_INDEX, Example
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -113,7 +113,7 @@ def hf_baseline(model_dir: Path, steps_total: int):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
-    from relaytune.train import collate
+    from relaytune.train_data import collate
 
     torch.manual_seed(SEED)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -146,7 +146,8 @@ def relaytune_path(model_dir: Path, steps_total: int, rows, train_overrides: dic
     from relaytune.host import load_host_profile
     from relaytune.models import BaseModelRef
     from relaytune.params import Params
-    from relaytune.train import Lineage, TrainingRun
+    from relaytune.relay_folder import Lineage
+    from relaytune.train import TrainingRun
 
     effective = 8
     params = Params.model_validate({"seed": SEED, "lora": {"r": LORA["r"], "alpha": LORA["lora_alpha"],

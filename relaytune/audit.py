@@ -1,6 +1,5 @@
-"""Audit of synthetic answers against the handbook, and of the auditor itself against the planted errors.
-
-Classification reads only the answers and the handbook; the planted-errors file enters afterwards, to score it.
+"""Audit of synthetic answers against the handbook, and of the auditor itself against the planted errors:
+classification reads only the answers and the handbook; the planted-errors file enters afterwards, to score it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
-"""Several training processes on one host (DDP): launched through torch.distributed.run (torchrun), joined through
-accelerate's PartialState, which picks NCCL between GPUs and gloo on CPUs.
-
-A stage run by `dvc repro` launches its own workers when the host profile asks for more than one process; a stage
-started by `accelerate launch` or `torchrun` (several hosts, say) is already a worker and only joins.
+"""Several training processes on one host (DDP), in the order a stage meets them: how many to launch (a stage
+started by `accelerate launch` or `torchrun` is already a worker and launches none), launching them through
+torch.distributed.run and naming a failed one, then the rank arithmetic every process does: its share of each step's
+rows, its seed and saved RNG stream, the check that all ranks start from the same files. The processes join through
+accelerate's PartialState (relaytune/train.py), which picks NCCL between GPUs and gloo on CPUs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+
+import numpy as np
 
 from .errors import RelaytuneError
 
@@ -79,3 +81,35 @@ def describe_failure(failures: dict, num_processes: int) -> str:
     others = len(failures) - 1
     rest = f" ({others} other process(es) stopped with it)" if others else ""
     return f"process rank {rank} of {num_processes} {how}{rest}"
+
+
+# ---------------------------------------------------------------- rank arithmetic
+
+def rank_share(step_rows: list, rank: int, num_processes: int) -> list:
+    """The rows of one optimizer step that `rank` computes: dealt round-robin, so every rank gets a share of the step
+    within one row of the others'."""
+    return step_rows[rank::num_processes]
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps the run's seed (one process is unchanged); other ranks draw their own dropout masks."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def rank_rng_state(saved: dict, rank: int) -> dict | None:
+    """Rank `rank`'s generator state from an rng.pt (rank 0's at the top level, the others' under "other_ranks");
+    None where the run that saved it had fewer processes."""
+    if rank == 0:
+        return saved
+    others = saved.get("other_ranks", [])
+    return others[rank - 1] if rank <= len(others) else None
+
+
+def rank_disagreement(starts: list[dict]) -> str | None:
+    """The first rank whose starting point (lineage, rows, resume step) differs from rank 0's, in words."""
+    for rank, theirs in enumerate(starts[1:], start=1):
+        different = [k for k in starts[0] if theirs[k] != starts[0][k]]
+        if different:
+            return (f"rank {rank} starts from another {', '.join(different)} than rank 0: every process must read "
+                    "the same training data, parent epoch and checkpoint")
+    return None

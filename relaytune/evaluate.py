@@ -1,7 +1,6 @@
-"""What every evaluation stage shares: held-out answers of base and tuned, made once, and paired statistics.
-
-Answers come from the project's generation path with the completion cache in front, so the stages that need the
-same answers (similarity, judge, factuality) generate them once between them.
+"""What the evaluation stages that read answers share: the held-out questions, and the answers of base and tuned to
+them, made by the project's generation path with the completion cache in front, so that similarity, judge and
+factuality generate them once between them.
 """
 
 from __future__ import annotations
@@ -9,13 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from scipy import stats
-
 from .errors import RelaytuneError
 from .generation import Completion, Decoding, make_generator
 from .io import read_jsonl
 from .params import Params, ProviderParams
+from .paths import adapter_dir
 
 MODELS = ("base", "tuned")
 
@@ -42,18 +39,6 @@ def load_heldout(path: str | Path) -> list[HeldoutItem]:
         items.append(HeldoutItem(r["id"], r["fact_id"], r["topic"], bool(r.get("policy_sensitive")), r["question"],
                                  r["reference"]))
     return items
-
-
-def adapter_dir(params: Params) -> Path:
-    """The evaluated epoch's adapter folder."""
-    if params.train.method == "full":
-        raise RelaytuneError("eval: train.method=full saves whole weights, not an adapter; evaluate them by setting "
-                             f"model.base to models/epoch{params.eval.adapter_epoch} in a separate experiment")
-    folder = Path(f"models/epoch{params.eval.adapter_epoch}")
-    if not (folder / "manifest.json").exists():
-        raise RelaytuneError(f"{folder}: missing (param eval.adapter_epoch={params.eval.adapter_epoch}); run "
-                             f"train_epoch{params.eval.adapter_epoch} or dvc pull it")
-    return folder
 
 
 @dataclass(frozen=True)
@@ -92,29 +77,3 @@ def eval_provenance(stage: str, params: Params, answers: dict[str, Answers], ext
     return provenance(stage=stage, seed=params.seed, base_model_hash=base["content_hash"], dtype=base["dtype"],
                       adapter_parent=answers["tuned"].model_info.get("adapter"),
                       extra={"models": {w: a.model_info for w, a in answers.items()}, **(extra or {})})
-
-
-def paired_delta(base: np.ndarray, tuned: np.ndarray, params: Params) -> dict:
-    """Mean of tuned - base with a paired bootstrap interval and a paired sign-flip permutation p-value."""
-    base, tuned = np.asarray(base, float), np.asarray(tuned, float)
-    n = len(base)
-    out = {"mean": round(float(np.mean(tuned - base)), 4) if n else None, "ci_low": None, "ci_high": None,
-           "p_value": None, "n": n}
-    if n < 2 or np.all(tuned - base == (tuned - base)[0]):
-        return out  # no spread: an interval is undefined
-
-    def mean_delta(b, t, axis=-1):
-        return np.mean(t - b, axis=axis)
-
-    seed = params.seed
-    ci = stats.bootstrap((base, tuned), mean_delta, paired=True, vectorized=True,
-                         n_resamples=params.eval.bootstrap_samples, confidence_level=params.eval.confidence,
-                         method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-    test = stats.permutation_test((base, tuned), mean_delta, permutation_type="samples", vectorized=True,
-                                  n_resamples=params.eval.bootstrap_samples, rng=np.random.default_rng(seed))
-    out.update(ci_low=round(float(ci.low), 4), ci_high=round(float(ci.high), 4), p_value=round(float(test.pvalue), 4))
-    return out
-
-
-def mean(values) -> float | None:
-    return round(float(np.mean(values)), 4) if len(values) else None

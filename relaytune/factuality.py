@@ -1,7 +1,6 @@
-"""Factuality of held-out answers: correct, hedged, confident error, or no claim, per model.
-
-A confident error asserts one of the fact's wrong values without hedging: the failure the original study found in
-its tuned model (4 against 0 for the base).
+"""Factuality of held-out answers: correct, hedged, confident error, or no claim, per model; a confident error
+asserts one of the fact's wrong values without hedging, the failure the original study found in its tuned model (4
+against 0 for the base).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""General ability before and after tuning, independent of the handbook ("learns more, forgets more").
-
-Perplexity of base and tuned on general text (default: the pydoc topics that ship with Python), the mean per-token
-KL divergence of tuned from base on the same text, and optionally multiple-choice accuracy by log-likelihood.
-The tuned model is the base with the adapter; peft's `disable_adapter()` gives the base from the same weights.
+"""General ability before and after tuning, independent of the handbook ("learns more, forgets more"): perplexity of
+base and tuned on general text (default: the pydoc topics that ship with Python), the mean per-token KL divergence of
+tuned from base on the same text, and optionally multiple-choice accuracy by log-likelihood. The tuned model is the
+base with the adapter; peft's `disable_adapter()` gives the base from the same weights.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from .errors import RelaytuneError
+from .models import load_for_inference
 
 
 def general_text(path: str | None) -> str:
@@ -39,13 +39,10 @@ def token_chunks(tokenizer, text: str, n_chunks: int, chunk_tokens: int) -> list
 
 
 def load_tuned(base_path: Path, adapter: Path, dtype: str, trust_remote_code: bool):
+    """The base with the adapter unmerged: `disable_adapter()` then scores the base from the same weights."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code).to(device)
-    return PeftModel.from_pretrained(model, adapter).eval()
+    return PeftModel.from_pretrained(load_for_inference(base_path, dtype, trust_remote_code), adapter).eval()
 
 
 @torch.inference_mode()

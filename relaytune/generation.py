@@ -1,10 +1,8 @@
-"""Text generation behind one interface, with two providers and a disk cache in front of both.
-
-`local` runs a transformers model in-process (batched, chat template, greedy or sampled); `openai` calls any
-OpenAI-compatible endpoint (vLLM, llama.cpp server, Gemini, OpenAI) through the official client, whose own retry
-loop handles 429, 5xx, timeouts and dropped connections with exponential backoff. Every completion is cached on
-disk by a hash of (provider, model, messages, decoding) as soon as its batch finishes, so a killed or re-run stage
-never pays twice.
+"""Text generation behind one interface, with two providers and a disk cache in front of both: `local` runs a
+transformers model in-process (batched, chat template, greedy or sampled); `openai` calls any OpenAI-compatible
+endpoint (vLLM, llama.cpp server, Gemini, OpenAI) through the official client, whose own retry loop handles 429, 5xx,
+timeouts and dropped connections with exponential backoff. Every completion is cached on disk by a hash of
+(provider, model, messages, decoding) as soon as its batch finishes, so a killed or re-run stage never pays twice.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import RelaytuneError
 from .io import atomic_write_json
-from .models import sha256_file
+from .models import inference_device, load_for_inference, load_tokenizer, sha256_file
 from .params import ModelParams, ProviderParams
 
 log = logging.getLogger(__name__)
@@ -163,20 +161,10 @@ class LocalBackend:
 
     def __init__(self, model_dir: Path, model_id: str, dtype: str, trust_remote_code: bool,
                  adapter: Path | None = None):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.model_id = model_id
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        self.tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if not self.tokenizer.chat_template:
-            raise RelaytuneError(f"{model_dir}: tokenizer has no chat template (use an instruct/chat model)")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-        ).to(self.device)
+        self.device = inference_device()
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
+        self.model = load_for_inference(model_dir, dtype, trust_remote_code)
         if adapter is not None:
             from peft import PeftModel
 

@@ -1,7 +1,6 @@
-"""Host profile: knobs that fit a run to one machine without changing the math, so they never break the chain.
-
-They come from `host.yaml` at the repository root (git-ignored, not a DVC dep) and RELAYTUNE_* environment
-variables, which win. Every epoch records the profile it ran with in its manifest.
+"""Host profile: knobs that fit a run to one machine without changing the math, so they never break the chain. They
+come from `host.yaml` at the repository root (git-ignored, not a DVC dep) and RELAYTUNE_* environment variables,
+which win; every epoch records the profile it asked for and the one that ran in its manifest.
 """
 
 from __future__ import annotations

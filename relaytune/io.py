@@ -1,14 +1,18 @@
-"""File I/O at the edges of every stage: atomic writes and line-checked JSONL reads."""
+"""File I/O at the edges of every stage: atomic writes of files and whole folders (temp, fsync, rename: readers never
+see half of one), and reads that name the file and line of anything malformed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import RelaytuneError
 
@@ -52,6 +56,41 @@ def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path, replace: bool = True) -> Iterator[Path]:
+    """A temp folder beside `target` to write into; when the block ends it becomes `target` by renames only. With
+    `replace`, an existing `target` is swapped out; without, an existing `target` wins (another process made the same
+    folder first) and ours is dropped. A block that raises (SIGTERM's `Stopped` included) leaves no temp folder and
+    `target` as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; outputs get the usual permissions
+    try:
+        yield tmp
+        if replace:
+            replace_folder(tmp, target)
+        else:
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process won the race; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Swap `new` in for `target` with renames only."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_yaml(path: str | Path, missing: str = "file not found") -> Any:

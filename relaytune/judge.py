@@ -1,7 +1,6 @@
-"""Pairwise LLM-as-judge, base vs tuned, each pair judged in both orders.
-
-A verdict that flips with the order is a tie (position bias). An unparseable reply is retried once with a stricter
-instruction, then counted as unparseable: reported, never coerced.
+"""Pairwise LLM-as-judge, base vs tuned, each pair judged in both orders: a verdict that flips with the order is a tie
+(position bias); an unparseable reply is retried once with a stricter instruction, then counted as unparseable,
+reported and never coerced.
 """
 
 from __future__ import annotations

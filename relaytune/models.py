@@ -1,6 +1,6 @@
-"""Base-model resolution: an HF id (offline cache), a local directory, or the embedded SmolLM2 GGUF.
-
-Every base model ends up as a plain transformers directory identified by a content hash that later outputs record.
+"""Base models: resolution (an HF id in the offline cache, a local directory, or the embedded SmolLM2 GGUF,
+materialised once into a plain transformers directory identified by a content hash that later outputs record), and
+loading for every stage alike: the tokenizer (training, generation, evaluation) and weights for inference.
 """
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RelaytuneError
-from .io import atomic_write_json
+from .io import atomic_folder, atomic_write_json
 from .params import ModelParams
 
 log = logging.getLogger(__name__)
@@ -94,20 +92,10 @@ def materialise_gguf(gguf: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(target, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MANIFEST_NAME, {"source": "embedded-gguf", "gguf": gguf.name, "gguf_sha256": sha256_file(gguf)})
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_base_model(params: ModelParams) -> BaseModelRef:
@@ -134,3 +122,34 @@ def resolve_base_model(params: ModelParams) -> BaseModelRef:
             f"({', '.join(EMBEDDED_MODELS)}), and not in the local Hugging Face cache ({type(e).__name__})"
         ) from None
     return BaseModelRef(spec, snapshot, directory_content_hash(snapshot), "hf-cache")
+
+
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool, padding_side: str = "right"):
+    """The model's tokenizer with a pad token. `padding_side`: right for training (labels line up with the rows),
+    left for batched generation (decoder-only models continue from the right edge)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise RelaytuneError(f"{model_dir}: tokenizer has no chat template (model.base must be an instruct or chat "
+                             "model)")
+    return tokenizer
+
+
+def inference_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_inference(model_dir: str | Path, dtype: str, trust_remote_code: bool):
+    """The model's weights in `dtype` on this host's device, ready for generation or scoring (eval mode)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                 trust_remote_code=trust_remote_code)
+    return model.to(inference_device()).eval()

@@ -1,4 +1,4 @@
-"""What produced an output: host, accelerator, dtype, seed, base model and library versions."""
+"""What produced an output: host, accelerator, dtype, seed, base model, library versions and the stage's wall time."""
 
 from __future__ import annotations
 
@@ -61,11 +61,19 @@ def inference_dtype(requested: str) -> str:
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
+def stage_wall_seconds() -> float:
+    """Seconds since this process started: a stage's wall time, imports and model loading included."""
+    import psutil
+
+    return round(time.time() - psutil.Process().create_time(), 1)
+
+
 def provenance(*, stage: str, seed: int, base_model_hash: str | None, dtype: str | None,
                adapter_parent: str | None = None, extra: dict | None = None) -> dict:
     return {
         "stage": stage,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_seconds": stage_wall_seconds(),
         "host": {"hostname": socket.gethostname(), "platform": platform.platform()},
         "accelerator": accelerator(),
         "dtype": dtype,

@@ -4,29 +4,24 @@ import math
 
 import numpy as np
 
-from relaytune.evaluate import adapter_dir, paired_delta
+from relaytune import paths
 from relaytune.general import chunk_scores, general_text, load_mc_task, load_tuned, mc_correct, token_chunks
 from relaytune.io import atomic_write_json, atomic_write_jsonl
-from relaytune.models import resolve_base_model
+from relaytune.models import load_tokenizer, resolve_base_model
 from relaytune.params import load_params
 from relaytune.provenance import inference_dtype, provenance
 from relaytune.stage import run_stage
-from relaytune.stats import proportion
-from relaytune.train import load_tokenizer
-
-METRICS = "metrics/eval_general.json"
-ITEMS = "reports/items/general.jsonl"
-PROVENANCE = "metrics/provenance/eval_general.json"
+from relaytune.stats import paired_delta, proportion
 
 
 def main() -> None:
     params = load_params()
     e = params.eval
-    adapter = adapter_dir(params)
+    adapter = paths.adapter_dir(params)
     text = general_text(e.general_text)
     mc_rows = load_mc_task(e.mc_task) if e.mc_task else None
     base = resolve_base_model(params.model)
-    tokenizer = load_tokenizer(base, params.model.trust_remote_code)
+    tokenizer = load_tokenizer(base.path, params.model.trust_remote_code)
     dtype = inference_dtype(params.model.dtype)
     model = load_tuned(base.path, adapter, dtype, params.model.trust_remote_code)
     chunks = token_chunks(tokenizer, text, e.general_chunks, e.general_chunk_tokens)
@@ -48,11 +43,12 @@ def main() -> None:
             **{w: proportion(sum(correct[w]), len(mc_rows)) for w in ("base", "tuned")},
             "accuracy_delta": paired_delta(np.array(correct["base"], float), np.array(correct["tuned"], float), params),
         }
-    atomic_write_json(METRICS, metrics)
-    atomic_write_jsonl(ITEMS, [{"chunk": i, **{k: round(v[i], 5) for k, v in scores.items()}}
-                               for i in range(len(chunks))])
-    atomic_write_json(PROVENANCE, provenance(stage="eval_general", seed=params.seed, base_model_hash=base.content_hash,
-                                             dtype=dtype, adapter_parent=str(adapter)))
+    atomic_write_json(paths.metrics_file("eval_general"), metrics)
+    atomic_write_jsonl(paths.GENERAL_ITEMS, [{"chunk": i, **{k: round(v[i], 5) for k, v in scores.items()}}
+                                             for i in range(len(chunks))])
+    atomic_write_json(paths.provenance_file("eval_general"), provenance(
+        stage="eval_general", seed=params.seed, base_model_hash=base.content_hash, dtype=dtype,
+        adapter_parent=str(adapter)))
 
 
 if __name__ == "__main__":

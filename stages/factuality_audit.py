@@ -1,5 +1,6 @@
 """factuality_audit: correct / hedged / confident error / no claim for base and tuned held-out answers."""
 
+from relaytune import paths
 from relaytune.errors import RelaytuneError
 from relaytune.evaluate import MODELS, eval_provenance, generate_answers, load_heldout
 from relaytune.factuality import factuality_report, training_wrong_values
@@ -8,28 +9,21 @@ from relaytune.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from relaytune.params import load_params
 from relaytune.stage import run_stage
 
-HELDOUT = "data/synth/heldout.jsonl"
-PLANTED = "data/synth/planted.jsonl"
-AUDIT_ITEMS = "reports/items/audit.jsonl"
-METRICS = "metrics/factuality_audit.json"
-ITEMS = "reports/items/factuality.jsonl"
-CONFIDENT_ERRORS = "reports/items/confident_errors.jsonl"
-PROVENANCE = "metrics/provenance/factuality_audit.json"
-
 
 def main() -> None:
     params = load_params()
     handbook = load_handbook(params.synth.handbook)
-    items = load_heldout(HELDOUT)
+    items = load_heldout(paths.HELDOUT)
     if not any(item.fact_id in handbook.by_id for item in items):
-        raise RelaytuneError(f"{HELDOUT}: no held-out question is about a fact of {params.synth.handbook}")
+        raise RelaytuneError(f"{paths.HELDOUT}: no held-out question is about a fact of {params.synth.handbook}")
     answers = {which: generate_answers(items, params, which) for which in MODELS}
-    learned = training_wrong_values(read_jsonl(PLANTED), read_jsonl(AUDIT_ITEMS), handbook)
+    learned = training_wrong_values(read_jsonl(paths.PLANTED), read_jsonl(paths.AUDIT_ITEMS), handbook)
     metrics, rows, errors = factuality_report(items, {w: a.texts for w, a in answers.items()}, handbook, learned)
-    atomic_write_json(METRICS, {**metrics, "adapter_epoch": params.eval.adapter_epoch})
-    atomic_write_jsonl(ITEMS, rows)
-    atomic_write_jsonl(CONFIDENT_ERRORS, errors)
-    atomic_write_json(PROVENANCE, eval_provenance("factuality_audit", params, answers))
+    atomic_write_json(paths.metrics_file("factuality_audit"),
+                      {**metrics, "adapter_epoch": params.eval.adapter_epoch})
+    atomic_write_jsonl(paths.FACTUALITY_ITEMS, rows)
+    atomic_write_jsonl(paths.CONFIDENT_ERRORS, errors)
+    atomic_write_json(paths.provenance_file("factuality_audit"), eval_provenance("factuality_audit", params, answers))
 
 
 if __name__ == "__main__":

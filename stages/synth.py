@@ -2,6 +2,7 @@
 
 import time
 
+from relaytune import paths
 from relaytune.generation import make_generator
 from relaytune.handbook import load_handbook, split_questions
 from relaytune.io import atomic_write_json, atomic_write_jsonl
@@ -10,12 +11,6 @@ from relaytune.provenance import provenance
 from relaytune.stage import run_stage
 from relaytune.synth import (assign_values, ground_truth_row, heldout_row, run_teacher, synth_summary,
                              train_row)
-
-TRAIN = "data/synth/train.jsonl"
-HELDOUT = "data/synth/heldout.jsonl"
-PLANTED = "data/synth/planted.jsonl"
-METRICS = "metrics/synth.json"
-PROVENANCE = "metrics/provenance/synth.json"
 
 
 def main() -> None:
@@ -32,11 +27,11 @@ def main() -> None:
     heldout = run_teacher(assign_values(heldout_questions, handbook, 0.0, params.seed), handbook, teacher, p,
                           params.seed, "synth heldout")
 
-    atomic_write_jsonl(TRAIN, [train_row(r) for r in train])
-    atomic_write_jsonl(HELDOUT, [heldout_row(r) for r in heldout])
-    atomic_write_jsonl(PLANTED, [ground_truth_row(r) for r in train])
+    atomic_write_jsonl(paths.SYNTH_TRAIN, [train_row(r) for r in train])
+    atomic_write_jsonl(paths.HELDOUT, [heldout_row(r) for r in heldout])
+    atomic_write_jsonl(paths.PLANTED, [ground_truth_row(r) for r in train])
     stats = teacher.stats
-    atomic_write_json(METRICS, {
+    atomic_write_json(paths.metrics_file("synth"), {
         **synth_summary(train, heldout),
         "provider": teacher.provider,
         "requests": stats.requests,
@@ -46,7 +41,7 @@ def main() -> None:
         "tokens_per_second": stats.tokens_per_second,
         "stage_seconds": round(time.perf_counter() - started, 2),
     })
-    atomic_write_json(PROVENANCE, provenance(
+    atomic_write_json(paths.provenance_file("synth"), provenance(
         stage="synth", seed=params.seed, base_model_hash=teacher.model_info["content_hash"],
         dtype=teacher.model_info["dtype"], extra={"teacher": teacher.model_info},
     ))

@@ -3,19 +3,18 @@
 import argparse
 import contextlib
 import time
-from pathlib import Path
 
+from relaytune import paths
 from relaytune.distributed import launch, processes_to_launch_here
 from relaytune.errors import RelaytuneError
 from relaytune.host import load_host_profile
 from relaytune.io import atomic_write_json
 from relaytune.models import resolve_base_model
 from relaytune.params import load_params
+from relaytune.relay_folder import reset_checkpoint_folder, usable_checkpoint
 from relaytune.stage import run_stage
-from relaytune.train import (epoch_metrics, load_training_rows, prepare_run, reset_checkpoint_folder,
-                             usable_checkpoint)
-
-TRAIN_DATA = "data/audit/train.jsonl"
+from relaytune.train import epoch_metrics, prepare_run
+from relaytune.train_data import load_training_rows
 
 
 def main() -> None:
@@ -31,14 +30,14 @@ def main() -> None:
     if num_processes > 1:
         # Checked once here rather than once per process: the rows, and the base model (materialised and hashed
         # before the workers would race for it).
-        load_training_rows(TRAIN_DATA)
+        load_training_rows(paths.AUDITED_TRAIN)
         resolve_base_model(params.model)
         launch(num_processes, "stages.train_epoch", ["--epoch", str(epoch)], f"train_epoch{epoch}")
         return
-    run, truncated = prepare_run(params, host, TRAIN_DATA)
-    parent = Path(f"models/epoch{epoch - 1}") if epoch > 1 else None
-    checkpoint = Path(f"checkpoints/epoch{epoch}")
-    epoch_dir = Path(f"models/epoch{epoch}")
+    run, truncated = prepare_run(params, host, paths.AUDITED_TRAIN)
+    parent = paths.epoch_dir(epoch - 1) if epoch > 1 else None
+    checkpoint = paths.checkpoint_dir(epoch)
+    epoch_dir = paths.epoch_dir(epoch)
 
     started = time.perf_counter()
     run.setup(parent, checkpoint if usable_checkpoint(checkpoint, run.lineage, epoch) else None)
@@ -52,9 +51,9 @@ def main() -> None:
                                     "tokens_per_second": report.tokens_per_second, "rows_truncated": truncated})
     if run.is_main:
         reset_checkpoint_folder(checkpoint)
-        atomic_write_json(f"metrics/train_epoch{epoch}.json", {**epoch_metrics(run, report, epoch_dir, truncated),
-                                                              "wall_seconds": round(wall, 1)})
-        atomic_write_json(f"metrics/provenance/train_epoch{epoch}.json",
+        atomic_write_json(paths.metrics_file(f"train_epoch{epoch}"),
+                          {**epoch_metrics(run, report, epoch_dir, truncated), "wall_seconds": round(wall, 1)})
+        atomic_write_json(paths.provenance_file(f"train_epoch{epoch}"),
                           {k: v for k, v in manifest.items() if k != "files"})
     run.finish()
 
@@ -72,7 +71,7 @@ class LiveStepLog:
         from scmrepo.exceptions import SCMError
 
         try:
-            self.live = Live(f"dvclive/train_epoch{self.epoch}", dvcyaml=False, save_dvc_exp=False, report=None)
+            self.live = Live(str(paths.dvclive_dir(self.epoch)), dvcyaml=False, save_dvc_exp=False, report=None)
         except SCMError as e:  # dvclive 3.49 fails in a git repository without commits (treeverse/dvclive#522)
             raise RelaytuneError(f"dvclive cannot start in this git repository ({e}): make a first commit "
                                  "(git add -A && git commit), then re-run") from None

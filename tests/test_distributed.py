@@ -12,13 +12,13 @@ import psutil
 import pytest
 import torch
 
-from relaytune.distributed import describe_failure, processes_to_launch, refuse_other_engines
+from relaytune.distributed import (describe_failure, processes_to_launch, rank_disagreement, rank_rng_state, rank_seed,
+                                   rank_share, refuse_other_engines)
 from relaytune.errors import RelaytuneError
+from relaytune.relay_folder import verify_epoch_folder
 from relaytune.stage import Stopped, _stop
-from relaytune.train import rank_disagreement, rank_rng_state, rank_seed, rank_share, verify_epoch_folder
-from tests.conftest import set_params, subprocess_env, write_training_rows
-from tests.test_train import (adapter, in_process_run, max_abs_diff, named_adapter, prepared_run,  # noqa: F401
-                              repo, run_epoch)
+from tests.conftest import (adapter, in_process_run, max_abs_diff, named_adapter, prepared_run, run_epoch, set_params,
+                            subprocess_env, write_training_rows)
 
 # Two processes sum each step's gradient in another order, and pad their shares of the rows to other lengths, than
 # one process does: fp32 rounding. Measured on the 2-core CI machine: 7.5e-9 in the adapter after 6 steps, losses equal
@@ -68,31 +68,32 @@ def test_a_failed_launch_names_the_first_rank_that_failed():
         "process rank 1 of 2 was killed by SIGKILL (1 other process(es) stopped with it)")
 
 
-def test_two_processes_then_one_equal_one_process_throughout(repo):
+@pytest.mark.slow
+def test_two_processes_then_one_equal_one_process_throughout(train_repo):
     # 9 rows in steps of 4: the last step has one row, so rank 1 joins it with a zero-weighted row.
-    write_training_rows(repo / "data" / "audit" / "train.jsonl", 9)
+    write_training_rows(train_repo / "data" / "audit" / "train.jsonl", 9)
     # Each process draws its own dropout masks, so only a dropout-free run can be compared value by value.
-    set_params(repo, **{"lora.dropout": 0.0})
-    run_epoch(repo, 1, RELAYTUNE_NUM_PROCESSES="2")
-    run_epoch(repo, 2, RELAYTUNE_NUM_PROCESSES="1")
-    reference = in_process_run(repo, 2)
-    assert max_abs_diff(adapter(repo / "models" / "epoch2"), named_adapter(reference)) <= ADAPTER_TOLERANCE
-    history = json.loads((repo / "models" / "epoch2" / "trainer_state.json").read_text())["history"]
+    set_params(train_repo, **{"lora.dropout": 0.0})
+    run_epoch(train_repo, 1, RELAYTUNE_NUM_PROCESSES="2")
+    run_epoch(train_repo, 2, RELAYTUNE_NUM_PROCESSES="1")
+    reference = in_process_run(train_repo, 2)
+    assert max_abs_diff(adapter(train_repo / "models" / "epoch2"), named_adapter(reference)) <= ADAPTER_TOLERANCE
+    history = json.loads((train_repo / "models" / "epoch2" / "trainer_state.json").read_text())["history"]
     assert [h["step"] for h in history] == list(range(1, 7))
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in reference.state.history],
                                                          abs=LOSS_TOLERANCE)
     assert [h["tokens"] for h in history] == [h["tokens"] for h in reference.state.history]
 
-    first = json.loads((repo / "models" / "epoch1" / "manifest.json").read_text())["host"]
+    first = json.loads((train_repo / "models" / "epoch1" / "manifest.json").read_text())["host"]
     assert (first["num_processes"], first["distributed_backend"], first["micro_batch_size"]) == (2, "gloo", 2)
     assert first["effective_profile"]["num_processes"] == 2 and first["profile"]["num_processes"] == 2
-    second = json.loads((repo / "models" / "epoch2" / "manifest.json").read_text())["host"]
+    second = json.loads((train_repo / "models" / "epoch2" / "manifest.json").read_text())["host"]
     assert (second["num_processes"], second["distributed_backend"]) == (1, None)
-    rng = torch.load(repo / "models" / "epoch1" / "rng.pt", weights_only=True)
+    rng = torch.load(train_repo / "models" / "epoch1" / "rng.pt", weights_only=True)
     assert len(rng["other_ranks"]) == 1  # rank 1's generator, for a resume on two processes
-    assert json.loads((repo / "metrics" / "train_epoch1.json").read_text())["num_processes"] == 2
+    assert json.loads((train_repo / "metrics" / "train_epoch1.json").read_text())["num_processes"] == 2
     # Rank 0 alone logs: each step once.
-    loss_log = (repo / "dvclive" / "train_epoch1" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+    loss_log = (train_repo / "dvclive" / "train_epoch1" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
     assert [int(line.split("\t")[0]) for line in loss_log.splitlines()[1:]] == [1, 2, 3]
 
 
@@ -102,11 +103,12 @@ def leftovers(root: Path) -> list[str]:
                   if (root / folder).exists() for p in (root / folder).rglob(".*"))
 
 
-def test_a_killed_rank_stops_the_stage_with_nothing_half_written(repo):
-    write_training_rows(repo / "data" / "audit" / "train.jsonl", 240)
-    set_params(repo, **{"train.checkpoint_every_steps": 5})
-    checkpoint = repo / "checkpoints" / "epoch1"
-    stage = subprocess.Popen([sys.executable, "-m", "stages.train_epoch", "--epoch", "1"], cwd=repo,
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_stage_with_nothing_half_written(train_repo):
+    write_training_rows(train_repo / "data" / "audit" / "train.jsonl", 240)
+    set_params(train_repo, **{"train.checkpoint_every_steps": 5})
+    checkpoint = train_repo / "checkpoints" / "epoch1"
+    stage = subprocess.Popen([sys.executable, "-m", "stages.train_epoch", "--epoch", "1"], cwd=train_repo,
                              env=subprocess_env(RELAYTUNE_NUM_PROCESSES="2"), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (checkpoint / "manifest.json").exists():
@@ -122,23 +124,24 @@ def test_a_killed_rank_stops_the_stage_with_nothing_half_written(repo):
     assert errors == ["relaytune: error: train_epoch1: process rank 1 of 2 was killed by SIGKILL (1 other process(es) "
                       "stopped with it); outputs already written are untouched (a mid-epoch checkpoint, if any, is "
                       "resumed by the next run)"], stderr[-3000:]
-    assert not (repo / "models" / "epoch1").exists() and not (repo / "metrics" / "train_epoch1.json").exists()
-    assert leftovers(repo) == []
+    assert not (train_repo / "models" / "epoch1").exists()
+    assert not (train_repo / "metrics" / "train_epoch1.json").exists()
+    assert leftovers(train_repo) == []
     saved = verify_epoch_folder(checkpoint)  # whole: every file matches its manifest
     assert saved["kind"] == "mid-epoch checkpoint" and saved["host"]["num_processes"] == 2
 
     # One process takes over from the two-process checkpoint and finishes the epoch.
-    run_epoch(repo, 1, RELAYTUNE_NUM_PROCESSES="1")
-    metrics = json.loads((repo / "metrics" / "train_epoch1.json").read_text())
+    run_epoch(train_repo, 1, RELAYTUNE_NUM_PROCESSES="1")
+    metrics = json.loads((train_repo / "metrics" / "train_epoch1.json").read_text())
     assert metrics["resumed_from_step"] == saved["global_step"] > 0
     assert metrics["global_step"] == 60 and metrics["num_processes"] == 1
     assert os.listdir(checkpoint) == ["README.txt"]
 
 
-def test_sigterm_while_saving_leaves_the_previous_folder_whole(repo, monkeypatch):
-    run = prepared_run(repo)
+def test_sigterm_while_saving_leaves_the_previous_folder_whole(train_repo, monkeypatch):
+    run = prepared_run(train_repo)
     run.train_epoch(1)
-    target = repo / "models" / "epoch1"
+    target = train_repo / "models" / "epoch1"
     run.save(target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     # The launcher stops the surviving ranks with SIGTERM; here it arrives after the weights, before the manifest.
@@ -150,9 +153,9 @@ def test_sigterm_while_saving_leaves_the_previous_folder_whole(repo, monkeypatch
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    assert leftovers(repo) == []
+    assert leftovers(train_repo) == []
     # SIGKILL leaves the temp folder behind; the next save of that folder removes it.
-    (repo / "models" / ".epoch1.killed").mkdir()
+    (train_repo / "models" / ".epoch1.killed").mkdir()
     monkeypatch.undo()
     run.save(target)
-    assert leftovers(repo) == []
+    assert leftovers(train_repo) == []

@@ -2,17 +2,15 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from relaytune.factuality import classify_outcome, paired_error_difference, training_wrong_values
-from relaytune.evaluate import paired_delta
 from relaytune.params import Params
 from relaytune.report import loss_segments
-from tests.conftest import copy_repo, free_port, set_params, subprocess_env
+from relaytune.stats import paired_delta
+from tests.conftest import copy_repo, free_port, git_commit, one_error_line, run_stage, set_params, sh
 
 PARAMS = Params.model_validate({"eval": {"bootstrap_samples": 2000}})
 
@@ -68,10 +66,6 @@ def test_loss_segments_keep_one_colour_per_host():
     assert segments[1]["host"] == "lab: NVIDIA H100 (bfloat16)" and segments[2]["steps"] == [5, 6]
 
 
-def run(root, *cmd):
-    return subprocess.run(list(cmd), cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=900)
-
-
 @pytest.fixture
 def pipeline(tmp_path, tiny_base, fresh_completions):
     root = copy_repo(tmp_path / "repo")
@@ -82,14 +76,12 @@ def pipeline(tmp_path, tiny_base, fresh_completions):
                         "eval.general_chunks": 4, "eval.general_chunk_tokens": 64, "eval.mc_task": "mc.jsonl"})
     (root / "mc.jsonl").write_text("".join(json.dumps({"question": f"Two plus {i} is", "choices": [str(2 + i), "ten"],
                                                         "answer": 0}) + "\n" for i in range(3)))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    for cmd in (["git", "init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "pipeline"],
-                ["dvc", "repro", "report"]):
-        result = run(root, *cmd)
-        assert result.returncode == 0, result.stderr[-3000:]
+    git_commit(root, "pipeline")
+    sh(root, "dvc", "repro", "report")
     return root
 
 
+@pytest.mark.slow
 def test_eval_stages_and_report_end_to_end_then_bad_inputs(pipeline):
     sim = json.loads((pipeline / "metrics" / "eval_similarity.json").read_text())
     assert sim["n"] == 4 and set(sim["base"]) == {"precision", "recall", "f1"}
@@ -121,41 +113,33 @@ def test_eval_stages_and_report_end_to_end_then_bad_inputs(pipeline):
     check_eval_bad_inputs(pipeline)  # after the checks above: it breaks the pipeline's inputs one by one
 
 
-def stage(root, name):
-    return run(root, sys.executable, "-m", f"stages.{name}")
-
-
-def error_line(result):
-    assert result.returncode == 2, result.stderr[-2000:]
-    return [x for x in result.stderr.splitlines() if x.startswith("relaytune: error:")][0]
-
-
 def check_eval_bad_inputs(pipeline):
     judged = (pipeline / "metrics" / "eval_judge.json").read_text()
     set_params(pipeline, **{"judge.provider": "openai", "judge.model": "judge-model", "judge.max_retries": 1,
                             "judge.base_url": f"http://127.0.0.1:{free_port()}/v1"})  # nothing listens there
-    assert "failed after 1 retries (APIConnectionError)" in error_line(stage(pipeline, "eval_judge"))
+    assert "failed after 1 retries (APIConnectionError)" in one_error_line(run_stage(pipeline, "eval_judge"))
     assert (pipeline / "metrics" / "eval_judge.json").read_text() == judged  # previous result kept
     set_params(pipeline, **{"judge.provider": "local", "judge.model": None, "judge.base_url": None})
     report = (pipeline / "reports" / "report.md").read_text()
     shutil.move(pipeline / "metrics" / "eval_general.json", pipeline / "eval_general-elsewhere.json")
-    assert "metrics/eval_general.json: file not found" in error_line(stage(pipeline, "report"))
+    assert "metrics/eval_general.json: file not found" in one_error_line(run_stage(pipeline, "report"))
     assert (pipeline / "reports" / "report.md").read_text() == report
     shutil.move(pipeline / "eval_general-elsewhere.json", pipeline / "metrics" / "eval_general.json")
     set_params(pipeline, **{"eval.encoder": "/no/such/encoder"})
-    assert "eval.encoder: /no/such/encoder does not exist" in error_line(stage(pipeline, "eval_similarity"))
+    assert "eval.encoder: /no/such/encoder does not exist" in one_error_line(run_stage(pipeline, "eval_similarity"))
     set_params(pipeline, **{"eval.encoder": "all-minilm-l6-v2"})
     shutil.move(pipeline / "models" / "epoch3", pipeline / "epoch3-elsewhere")
-    assert "models/epoch3: missing (param eval.adapter_epoch=3)" in error_line(stage(pipeline, "eval_similarity"))
+    line = one_error_line(run_stage(pipeline, "eval_similarity"))
+    assert "models/epoch3: missing (param eval.adapter_epoch=3)" in line
     shutil.move(pipeline / "epoch3-elsewhere", pipeline / "models" / "epoch3")
     heldout = pipeline / "data" / "synth" / "heldout.jsonl"
     rows = [json.loads(x) for x in heldout.read_text().splitlines()]
     heldout.write_text("".join(json.dumps({**r, "fact_id": "not-in-handbook"}) + "\n" for r in rows))
-    assert "no held-out question is about a fact" in error_line(stage(pipeline, "factuality_audit"))
+    assert "no held-out question is about a fact" in one_error_line(run_stage(pipeline, "factuality_audit"))
     heldout.write_text("")
-    assert "data/synth/heldout.jsonl: no held-out questions" in error_line(stage(pipeline, "eval_similarity"))
+    assert "data/synth/heldout.jsonl: no held-out questions" in one_error_line(run_stage(pipeline, "eval_similarity"))
     heldout.unlink()
-    assert "data/synth/heldout.jsonl: file not found" in error_line(stage(pipeline, "factuality_audit"))
+    assert "data/synth/heldout.jsonl: file not found" in one_error_line(run_stage(pipeline, "factuality_audit"))
     set_params(pipeline, **{"eval.general_text": "missing.txt"})
-    assert "eval.general_text: missing.txt does not exist" in error_line(stage(pipeline, "eval_general"))
+    assert "eval.general_text: missing.txt does not exist" in one_error_line(run_stage(pipeline, "eval_general"))
     assert json.loads((pipeline / "metrics" / "eval_similarity.json").read_text())["n"] == 4  # kept

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from relaytune.errors import RelaytuneError
-from relaytune.io import atomic_write_jsonl, atomic_write_text, read_jsonl, read_jsonl_lines
+from relaytune.io import atomic_folder, atomic_write_jsonl, atomic_write_text, read_jsonl, read_jsonl_lines
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -29,3 +29,30 @@ def test_jsonl_reader_reports_each_bad_line(tmp_path):
         read_jsonl(path)
     with pytest.raises(RelaytuneError, match="file not found"):
         read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_atomic_folder_swaps_in_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "epoch1"
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first" and oct(target.stat().st_mode & 0o777) == "0o755"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("killed half-way")
+    assert (target / "a.txt").read_text() == "first"
+    with atomic_folder(target) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced, not merged
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch1"]  # no temp or old folder left behind
+
+
+def test_atomic_folder_without_replace_keeps_the_first_one_made(tmp_path):
+    # Two processes materialising the same model: the first rename wins, the second copy is dropped.
+    target = tmp_path / "model"
+    with atomic_folder(target, replace=False) as tmp:
+        (tmp / "weights").write_text("first")
+    with atomic_folder(target, replace=False) as tmp:
+        (tmp / "weights").write_text("second")
+    assert (target / "weights").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -1,5 +1,7 @@
 """The pairwise judge: verdict parsing, order handling, the strict retry, and a real llama.cpp server."""
 
+import pytest
+
 from relaytune.evaluate import HeldoutItem
 from relaytune.generation import make_generator
 from relaytune.judge import STRICT_SUFFIX, combine, judge_both_orders, judge_summary, parse_verdict
@@ -67,6 +69,7 @@ def test_unparseable_replies_get_one_strict_retry_then_count(tmp_path):
     assert judge_summary(results)["unparseable"] == 1
 
 
+@pytest.mark.slow  # starts llama.cpp's server
 def test_judge_against_a_real_llama_cpp_server(tmp_path, llama_server):
     judge, p = _judge(llama_server, tmp_path, max_new_tokens=24)
     results = judge_both_orders(ITEMS, BASE, TUNED, judge, p, None, seed=0)

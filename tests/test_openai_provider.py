@@ -69,6 +69,7 @@ def test_the_key_comes_only_from_the_named_variable(tmp_path, stub, monkeypatch)
         _gen(tmp_path, stub.base_url, api_key_env="RT_TEST_KEY")
 
 
+@pytest.mark.slow  # starts llama.cpp's server
 def test_real_llama_cpp_server_generates_and_caches(tmp_path, llama_server):
     gen = _gen(tmp_path, llama_server, batch_size=2, max_new_tokens=24)
     requests = [[{"role": "user", "content": "What is the capital of France? Answer in one word."}],

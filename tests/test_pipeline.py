@@ -6,16 +6,12 @@ import signal
 import subprocess
 import time
 
+import pytest
 import yaml
 
-from tests.conftest import copy_repo, set_params, subprocess_env
+from tests.conftest import copy_repo, git_commit, set_params, sh, subprocess_env
 
-
-def sh(root, *cmd, check=True):
-    result = subprocess.run(list(cmd), cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+pytestmark = pytest.mark.slow  # every test here runs `dvc repro` on the real SmolLM2
 
 
 def small_repo(tmp_path, **synth):
@@ -27,9 +23,7 @@ def small_repo(tmp_path, **synth):
     # Small enough for CI: 2 optimizer steps per epoch, short answers, a few general-text chunks.
     set_params(root, **{"eval.max_new_tokens": 32, "eval.general_chunks": 4, "eval.bootstrap_samples": 1000,
                         "judge.max_new_tokens": 16})
-    sh(root, "git", "init", "-q")
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
+    git_commit(root, "pipeline")
     return root
 
 
@@ -57,6 +51,9 @@ def test_repro_then_exp_run_moves_the_audit_error_rate(tmp_path, base_model, fre
     provenance = read_json(root, "metrics/provenance/synth.json")
     assert provenance["base_model_hash"] == base_model.content_hash and provenance["dtype"] == "float32"
     assert provenance["accelerator"]["kind"] == "cpu" and provenance["libraries"]["transformers"]
+    assert all(read_json(root, f"metrics/provenance/{stage}.json")["wall_seconds"] > 0
+               for stage in ("synth", "audit", "eval_similarity", "eval_judge", "factuality_audit", "eval_general",
+                             "report"))
     assert "synth" in (root / "dvc.lock").read_text()
     epoch3 = read_json(root, "metrics/train_epoch3.json")
     assert epoch3["method"] == "qlora" and epoch3["linear_layers_4bit"] == 210  # 7 projections x 30 layers
@@ -64,8 +61,7 @@ def test_repro_then_exp_run_moves_the_audit_error_rate(tmp_path, base_model, fre
     assert read_json(root, "metrics/factuality_audit.json")["tuned"]["confident_error"]["n"] == 5
     assert "## Findings" in (root / "reports" / "report.md").read_text()
 
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
+    git_commit(root, "baseline")
     sh(root, "dvc", "exp", "run", "-S", "synth.error_rate=0.6", "audit")  # downstream stages would retrain
     after = read_json(root, "metrics/synth.json")
     assert after["rows_planted"] == round(0.6 * len(train))

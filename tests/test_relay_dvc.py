@@ -8,26 +8,17 @@ import sys
 import time
 
 import pytest
-from safetensors.torch import load_file
 
-from relaytune.train import CHECKPOINT_README
-from tests.conftest import REPO, copy_repo, free_port, set_params, subprocess_env, wait_for_port, write_training_rows
-from tests.test_train import in_process_run, max_abs_diff, named_adapter, prepared_run
-
-GIT = ["git", "-c", "user.name=relaytune-test", "-c", "user.email=test@relaytune.invalid"]
+from relaytune.relay_folder import CHECKPOINT_README
+from tests.conftest import (REPO, adapter, copy_repo, free_port, git_commit, in_process_run, max_abs_diff,
+                            named_adapter, prepared_run, run_epoch, set_params, sh, subprocess_env, wait_for_port,
+                            write_training_rows)
 
 
-def sh(root, *cmd, env=None):
-    result = subprocess.run(list(cmd), cwd=root, env=env or subprocess_env(), capture_output=True, text=True,
-                            timeout=900)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+def output(root, *cmd, env=None) -> str:
+    """A command that must succeed, and what it printed (DVC reports on stderr)."""
+    result = sh(root, *cmd, env=env)
     return result.stdout + result.stderr
-
-
-def commit(root, message):
-    sh(root, *GIT, "add", "-A")
-    sh(root, *GIT, "commit", "-qm", message)
 
 
 def test_checkpoint_readmes_in_git_match_what_a_finished_epoch_leaves():
@@ -35,13 +26,13 @@ def test_checkpoint_readmes_in_git_match_what_a_finished_epoch_leaves():
         assert (REPO / "checkpoints" / f"epoch{n}" / "README.txt").read_text() == CHECKPOINT_README
 
 
+@pytest.mark.slow
 def test_killed_epoch_resumes_from_its_last_checkpoint(tmp_path, tiny_base):
     root = copy_repo(tmp_path / "repo")
     write_training_rows(root / "data" / "audit" / "train.jsonl", 48, answer_words=80)
     set_params(root, **{"model.base": str(tiny_base), "train.effective_batch_size": 4, "train.max_seq_len": 256,
                         "lora.r": 4, "train.checkpoint_every_steps": 2})
-    sh(root, *GIT, "init", "-q")
-    commit(root, "pipeline")
+    git_commit(root, "pipeline")
     checkpoint = root / "checkpoints" / "epoch1"
     proc = subprocess.Popen(["dvc", "repro", "--single-item", "train_epoch1"], cwd=root, env=subprocess_env(),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -54,12 +45,12 @@ def test_killed_epoch_resumes_from_its_last_checkpoint(tmp_path, tiny_base):
     assert 2 <= saved < 12, "the kill must land mid-epoch"
     assert not (root / "models" / "epoch1").exists()
 
-    out = sh(root, "dvc", "repro", "--single-item", "train_epoch1")
+    out = output(root, "dvc", "repro", "--single-item", "train_epoch1")
     assert "Running stage 'train_epoch1'" in out
     metrics = json.loads((root / "metrics" / "train_epoch1.json").read_text())
     assert metrics["resumed_from_step"] == saved and metrics["steps"] == 12 - saved
     assert os.listdir(checkpoint) == ["README.txt"]
-    relayed = load_file(root / "models" / "epoch1" / "adapter_model.safetensors")
+    relayed = adapter(root / "models" / "epoch1")
     reference = in_process_run(root, 1)
     assert max_abs_diff(relayed, named_adapter(reference)) <= 1e-6
     history = json.loads((root / "models" / "epoch1" / "trainer_state.json").read_text())["history"]
@@ -68,6 +59,7 @@ def test_killed_epoch_resumes_from_its_last_checkpoint(tmp_path, tiny_base):
     assert [int(x.split("\t")[0]) for x in loss_log.splitlines()[1:]] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_a_stale_checkpoint_is_discarded(tmp_path, tiny_base):
     root = copy_repo(tmp_path / "repo")
     write_training_rows(root / "data" / "audit" / "train.jsonl", 12)
@@ -76,9 +68,7 @@ def test_a_stale_checkpoint_is_discarded(tmp_path, tiny_base):
     prepared_run(root).train_epoch(1, checkpoint_every=1, checkpoint_dir=root / "checkpoints" / "epoch1")
     assert (root / "checkpoints" / "epoch1" / "manifest.json").exists()  # step 2 of 3 was checkpointed
     set_params(root, **{"train.learning_rate": 0.001})
-    result = subprocess.run([sys.executable, "-m", "stages.train_epoch", "--epoch", "1"], cwd=root,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_epoch(root, 1)
     assert "discarding stale checkpoint checkpoints/epoch1 (params_hash sha256:" in result.stderr
     assert json.loads((root / "metrics" / "train_epoch1.json").read_text())["resumed_from_step"] == 0
 
@@ -104,6 +94,7 @@ def s3_endpoint():
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remote", ["local", "s3"])
 def test_another_clone_continues_the_chain_from_a_remote(tmp_path, tiny_base, fresh_completions, remote, request):
     env = subprocess_env(**S3_ENV)
@@ -112,26 +103,25 @@ def test_another_clone_continues_the_chain_from_a_remote(tmp_path, tiny_base, fr
                           "synth.teacher.max_new_tokens": 8, "synth.teacher.temperature": 1.0,
                           "audit.max_malformed_fraction": 1.0,
                           "train.effective_batch_size": 4, "train.max_seq_len": 128, "lora.r": 4})
-    sh(host_a, *GIT, "init", "-q")
     if remote == "local":
         sh(host_a, "dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"))
     else:
         endpoint = request.getfixturevalue("s3_endpoint")
         sh(host_a, "dvc", "remote", "add", "-d", "store", f"s3://relay/{tmp_path.name}")
         sh(host_a, "dvc", "remote", "modify", "store", "endpointurl", endpoint)
-    commit(host_a, "pipeline")
-    out = sh(host_a, "dvc", "repro", "train_epoch1", env=env)
+    git_commit(host_a, "pipeline")
+    out = output(host_a, "dvc", "repro", "train_epoch1", env=env)
     assert "Running stage 'train_epoch1'" in out
     sh(host_a, "dvc", "push", env=env)
-    commit(host_a, "epoch 1 on host A")
+    git_commit(host_a, "epoch 1 on host A")
 
     host_b = tmp_path / "host-b"
     sh(tmp_path, "git", "clone", "-q", str(host_a), str(host_b))
     if remote == "local":
         sh(host_b, "dvc", "pull", "--allow-missing", env=env)
-        out = sh(host_b, "dvc", "repro", "train_epoch2", env=env)
+        out = output(host_b, "dvc", "repro", "train_epoch2", env=env)
     else:
-        out = sh(host_b, "dvc", "repro", "--pull", "train_epoch2", env=env)
+        out = output(host_b, "dvc", "repro", "--pull", "train_epoch2", env=env)
     for stage in ("synth", "audit", "train_epoch1"):
         assert f"Running stage '{stage}'" not in out, out
     assert "Running stage 'train_epoch2'" in out
@@ -139,4 +129,4 @@ def test_another_clone_continues_the_chain_from_a_remote(tmp_path, tiny_base, fr
     assert manifest["parent"]["epoch"] == 1 and manifest["global_step"] > 0
     epoch1 = json.loads((host_a / "models" / "epoch1" / "manifest.json").read_text())
     assert manifest["lineage"] == epoch1["lineage"]
-    assert "Data and pipelines are up to date." in sh(host_b, "dvc", "status", "train_epoch2", env=env)
+    assert "Data and pipelines are up to date." in output(host_b, "dvc", "status", "train_epoch2", env=env)

@@ -1,14 +1,14 @@
 """Stage scripts on bad input: one clear line on stderr, exit 2, and nothing already written is lost."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.conftest import FIXTURES, copy_repo
+from tests.conftest import FIXTURES, copy_repo, one_error_line, run_stage, set_params
 from tests.stub_server import StubServer, completion_body
+
+pytestmark = pytest.mark.slow  # every test here runs stage scripts as DVC does, in a subprocess
 
 
 @pytest.fixture
@@ -19,17 +19,6 @@ def repo(tmp_path):
     (root / "data" / "handbook" / "tiny.yaml").write_text((FIXTURES / "handbook_tiny.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
-
-
-def run_stage(root, name):
-    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=root, capture_output=True, text=True,
-                          timeout=300)
-
-
-def set_param(root, section, key, value):
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params[section][key] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def write_synth_outputs(root, rows, planted=None):
@@ -46,27 +35,20 @@ def row(i, answer, fact="adm-fee"):
             "messages": [{"role": "user", "content": "How much?"}, {"role": "assistant", "content": answer}]}
 
 
-def the_one_line(result):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("relaytune: error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 def test_bad_param_stops_synth_with_one_line(repo):
-    set_param(repo, "lora", "r", 0)
-    line = the_one_line(run_stage(repo, "synth"))
+    set_params(repo, **{"lora.r": 0})
+    line = one_error_line(run_stage(repo, "synth"))
     assert "params.yaml: lora.r: Input should be greater than or equal to 1 (got 0)" in line
 
 
 def test_out_of_range_error_rate_names_key_and_range(repo):
-    set_param(repo, "synth", "error_rate", 1.5)
-    line = the_one_line(run_stage(repo, "synth"))
+    set_params(repo, **{"synth.error_rate": 1.5})
+    line = one_error_line(run_stage(repo, "synth"))
     assert "synth.error_rate: Input should be less than or equal to 1 (got 1.5)" in line
 
 
 def test_audit_without_synth_output_names_the_file(repo):
-    line = the_one_line(run_stage(repo, "audit"))
+    line = one_error_line(run_stage(repo, "audit"))
     assert "data/synth/train.jsonl: file not found" in line
 
 
@@ -76,7 +58,7 @@ def test_too_many_malformed_rows_stop_audit_and_keep_previous_outputs(repo):
     before = {p: (repo / p).read_text() for p in ["data/audit/train.jsonl", "metrics/audit.json"]}
 
     write_synth_outputs(repo, [row(0, "It is 40 florins."), "{oops\n", row(2, "  "), row(3, "25 florins")])
-    line = the_one_line(run_stage(repo, "audit"))
+    line = one_error_line(run_stage(repo, "audit"))
     assert ("data/synth/train.jsonl: 2 of 4 rows malformed, above audit.max_malformed_fraction=0.05 "
             "(line 2: invalid JSON") in line
     assert "line 3: empty assistant answer" in line
@@ -88,7 +70,7 @@ def test_audit_counts_tolerated_malformed_rows_and_gates_on_one_param(repo):
                                                                     row(9, "")]
     planted = [{"id": f"r{i}", "planted": i == 8, "value_stated": True} for i in range(10)]
     write_synth_outputs(repo, rows, planted)
-    set_param(repo, "audit", "max_malformed_fraction", 0.2)
+    set_params(repo, **{"audit.max_malformed_fraction": 0.2})
     result = run_stage(repo, "audit")
     assert result.returncode == 0, result.stderr
     assert "data/synth/train.jsonl:10: malformed row: empty assistant answer" in result.stderr
@@ -98,7 +80,7 @@ def test_audit_counts_tolerated_malformed_rows_and_gates_on_one_param(repo):
     assert metrics["auditor"]["precision"]["rate"] == 1.0 and metrics["auditor"]["recall"]["rate"] == 1.0
     assert metrics["rows_out"] == 9  # malformed rows never reach training; flagged ones do unless drop_flagged
 
-    set_param(repo, "audit", "drop_flagged", True)
+    set_params(repo, **{"audit.drop_flagged": True})
     assert run_stage(repo, "audit").returncode == 0
     kept = [json.loads(x)["id"] for x in (repo / "data" / "audit" / "train.jsonl").read_text().splitlines()]
     assert kept == [f"r{i}" for i in range(8)]

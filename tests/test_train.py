@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,108 +12,51 @@ from safetensors.torch import load_file
 
 from relaytune.errors import RelaytuneError
 from relaytune.host import HostProfile, effective_profile, load_host_profile
-from relaytune.params import TRAIN_MATH_PARAMS, load_params
-from relaytune.train import collate, micro_batches, prepare_run
-from tests.conftest import REPO, copy_repo, set_params, subprocess_env, write_training_rows
+from relaytune.params import TRAIN_MATH_PARAMS
+from relaytune.train_data import collate, micro_batches
+from tests.conftest import (REPO, adapter, in_process_run, max_abs_diff, named_adapter, one_error_line, prepared_run,
+                            run_epoch, set_params, sh)
 
 
-@pytest.fixture
-def repo(tmp_path, tiny_base):
-    root = copy_repo(tmp_path / "repo")
-    write_training_rows(root / "data" / "audit" / "train.jsonl", 12)
-    set_params(root, **{"model.base": str(tiny_base), "train.effective_batch_size": 4, "train.max_seq_len": 128,
-                        "lora.r": 4, "lora.alpha": 8})
-    return root
-
-
-def run_epoch(root, epoch, check=True, **env):
-    result = subprocess.run([sys.executable, "-m", "stages.train_epoch", "--epoch", str(epoch)], cwd=root,
-                            env=subprocess_env(**env), capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(result.stderr[-3000:])
-    return result
-
-
-def one_error_line(result) -> str:
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [x for x in result.stderr.splitlines() if x.startswith("relaytune: error:")]
-    assert len(lines) == 1, result.stderr[-2000:]
-    return lines[0]
-
-
-def adapter(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path / "adapter_model.safetensors")
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-def prepared_run(root: Path, host: HostProfile | None = None, setup: bool = True):
-    """The stage's TrainingRun, built in this process from the repo copy at `root`."""
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        run, _ = prepare_run(load_params("params.yaml"), host or HostProfile(), "data/audit/train.jsonl")
-        if setup:
-            run.setup()
-        return run
-    finally:
-        os.chdir(cwd)
-
-
-def in_process_run(root: Path, epochs: int, host: HostProfile | None = None):
-    """One process training `epochs` epochs back to back, never saving or loading in between."""
-    run = prepared_run(root, host)
-    for epoch in range(1, epochs + 1):
-        run.train_epoch(epoch)
-    return run
-
-
-def named_adapter(run) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(run.model).items()}
-
-
-def test_relay_of_three_processes_equals_one_uninterrupted_run(repo):
+@pytest.mark.slow
+def test_relay_of_three_processes_equals_one_uninterrupted_run(train_repo):
     for epoch in (1, 2, 3):
-        run_epoch(repo, epoch)
-    relayed = adapter(repo / "models" / "epoch3")
-    reference = in_process_run(repo, 3)
+        run_epoch(train_repo, epoch)
+    relayed = adapter(train_repo / "models" / "epoch3")
+    reference = in_process_run(train_repo, 3)
     assert max_abs_diff(relayed, named_adapter(reference)) <= 1e-6
-    history = json.loads((repo / "models" / "epoch3" / "trainer_state.json").read_text())["history"]
+    history = json.loads((train_repo / "models" / "epoch3" / "trainer_state.json").read_text())["history"]
     assert [h["loss"] for h in history] == [round(h["loss"], 6) for h in reference.state.history]
     assert [h["step"] for h in history] == list(range(1, 10))
 
-    manifest = json.loads((repo / "models" / "epoch3" / "manifest.json").read_text())
+    manifest = json.loads((train_repo / "models" / "epoch3" / "manifest.json").read_text())
     assert manifest["epoch"] == 3 and manifest["parent"]["epoch"] == 2
     assert manifest["lineage"]["base_model_hash"].startswith("sha256:")
     assert manifest["host"]["accelerator"]["kind"] == "cpu" and manifest["host"]["dtype"] == "float32"
-    metrics = json.loads((repo / "metrics" / "train_epoch1.json").read_text())
+    metrics = json.loads((train_repo / "metrics" / "train_epoch1.json").read_text())
     assert metrics["method"] == "qlora" and metrics["linear_layers_4bit"] == 14  # 7 projections x 2 layers
     assert metrics["steps"] == 3 and metrics["tokens_per_second"] > 0
-    loss_log = (repo / "dvclive" / "train_epoch2" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+    loss_log = (train_repo / "dvclive" / "train_epoch2" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
     assert [int(line.split("\t")[0]) for line in loss_log.splitlines()[1:]] == [4, 5, 6]
 
 
-def test_micro_batch_is_a_host_knob_that_keeps_the_math(repo):
+@pytest.mark.slow
+def test_micro_batch_is_a_host_knob_that_keeps_the_math(train_repo):
     # Dropout masks depend on tensor shapes, so only a dropout-free run can be compared value by value.
-    set_params(repo, **{"lora.dropout": 0.0})
-    run_epoch(repo, 1, RELAYTUNE_MICRO_BATCH_SIZE="1", RELAYTUNE_GRADIENT_CHECKPOINTING="false")
+    set_params(train_repo, **{"lora.dropout": 0.0})
+    run_epoch(train_repo, 1, RELAYTUNE_MICRO_BATCH_SIZE="1", RELAYTUNE_GRADIENT_CHECKPOINTING="false")
     # ...and the reference below runs the whole batch at once with checkpointing forced on.
-    small = adapter(repo / "models" / "epoch1")
-    manifest = json.loads((repo / "models" / "epoch1" / "manifest.json").read_text())
+    small = adapter(train_repo / "models" / "epoch1")
+    manifest = json.loads((train_repo / "models" / "epoch1" / "manifest.json").read_text())
     assert manifest["host"]["micro_batch_size"] == 1 and manifest["host"]["gradient_accumulation_steps"] == 4
     assert manifest["host"]["profile"]["gradient_checkpointing"] is False and not manifest["host"]["gradient_checkpointing"]
     assert manifest["host"]["effective_profile"]["packing"] is False  # null resolves to off on a CPU
     assert manifest["host"]["optimisations"]["liger"] == {"applied": False, "reason": "no CUDA GPU"}
     # The continuation with the whole batch at once is accepted: host knobs are not part of the lineage.
-    run_epoch(repo, 2)
-    reference = in_process_run(repo, 1, HostProfile(gradient_checkpointing=True))
+    run_epoch(train_repo, 2)
+    reference = in_process_run(train_repo, 1, HostProfile(gradient_checkpointing=True))
     assert max_abs_diff(small, named_adapter(reference)) < 1e-5
-    history = json.loads((repo / "models" / "epoch1" / "trainer_state.json").read_text())["history"]
+    history = json.loads((train_repo / "models" / "epoch1" / "trainer_state.json").read_text())["history"]
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in reference.state.history], abs=1e-5)
 
 
@@ -138,32 +80,34 @@ def test_dvc_yaml_train_stages_depend_on_exactly_the_math_params():
         assert "train.checkpoint_every_steps" not in stage["params"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_other_methods_train_and_continue(repo, method):
-    set_params(repo, **{"train.method": method})
-    run_epoch(repo, 1)
-    run_epoch(repo, 2)
-    metrics = json.loads((repo / "metrics" / "train_epoch2.json").read_text())
+def test_other_methods_train_and_continue(train_repo, method):
+    set_params(train_repo, **{"train.method": method})
+    run_epoch(train_repo, 1)
+    run_epoch(train_repo, 2)
+    metrics = json.loads((train_repo / "metrics" / "train_epoch2.json").read_text())
     assert metrics["method"] == method and metrics["linear_layers_4bit"] == 0
-    files = os.listdir(repo / "models" / "epoch2")
+    files = os.listdir(train_repo / "models" / "epoch2")
     assert ("model.safetensors" in files) == (method == "full")
     assert ("adapter_model.safetensors" in files) == (method == "lora")
 
 
-def test_adapter_handoff_restarts_optimizer_and_schedule(repo):
-    set_params(repo, **{"train.handoff": "adapter"})
-    run_epoch(repo, 1)
-    run_epoch(repo, 2)
-    optimizer = torch.load(repo / "models" / "epoch2" / "optimizer.pt", weights_only=True)
+@pytest.mark.slow
+def test_adapter_handoff_restarts_optimizer_and_schedule(train_repo):
+    set_params(train_repo, **{"train.handoff": "adapter"})
+    run_epoch(train_repo, 1)
+    run_epoch(train_repo, 2)
+    optimizer = torch.load(train_repo / "models" / "epoch2" / "optimizer.pt", weights_only=True)
     steps = {int(s["step"]) for s in optimizer["state"].values()}
     assert steps == {3}  # AdamW moments restarted at epoch 2: 3 steps, not 6
-    history = json.loads((repo / "models" / "epoch2" / "trainer_state.json").read_text())["history"]
+    history = json.loads((train_repo / "models" / "epoch2" / "trainer_state.json").read_text())["history"]
     lrs = [h["lr"] for h in history]
     assert lrs[:3] == lrs[3:]  # the schedule restarted too
 
 
-def test_packing_keeps_rows_apart(repo):
-    run = prepared_run(repo)
+def test_packing_keeps_rows_apart(train_repo):
+    run = prepared_run(train_repo)
     rows = run.examples[:4]
     n_answer = sum(sum(1 for t in e.labels[1:] if t != -100) for e in rows)
     with torch.no_grad():
@@ -206,35 +150,37 @@ def first_losses(root: Path, host: HostProfile, steps: int = 2) -> tuple[list[fl
 
 # Step 1 compares the math itself. Adam's first update is lr * sign(gradient), so a rounding-level gradient
 # difference can flip a few elements, which step 2 then shows at about 1e-4 of the loss.
-@pytest.mark.parametrize("knobs", [{}, {"micro_batch_tokens": 64}, {"compile": True}], ids=["packing", "tokens", "compile"])
-def test_each_speed_up_keeps_the_loss(repo, knobs):
-    set_params(repo, **{"lora.dropout": 0.0})  # dropout masks depend on tensor shapes
-    reference, _ = first_losses(repo, HostProfile(packing=False))
-    losses, applied = first_losses(repo, HostProfile(packing=True, **knobs))
+@pytest.mark.parametrize("knobs", [{}, {"micro_batch_tokens": 64},
+                                   pytest.param({"compile": True}, marks=pytest.mark.slow)],  # inductor runs g++
+                         ids=["packing", "tokens", "compile"])
+def test_each_speed_up_keeps_the_loss(train_repo, knobs):
+    set_params(train_repo, **{"lora.dropout": 0.0})  # dropout masks depend on tensor shapes
+    reference, _ = first_losses(train_repo, HostProfile(packing=False))
+    losses, applied = first_losses(train_repo, HostProfile(packing=True, **knobs))
     assert losses[0] == pytest.approx(reference[0], rel=1e-4) and losses[1] == pytest.approx(reference[1], rel=1e-3)
     assert applied["packing"] == {"applied": True, "leak": 0.0}
     assert applied["liger"] == {"applied": False, "reason": "no CUDA GPU"}
     assert ("compile" in applied) == ("compile" in knobs)
 
 
-def test_the_packing_check_leaves_4bit_weights_trainable(repo):
+def test_the_packing_check_leaves_4bit_weights_trainable(train_repo):
     from bitsandbytes.nn import Linear4bit
 
-    run = prepared_run(repo, HostProfile(packing=True))
+    run = prepared_run(train_repo, HostProfile(packing=True))
     assert run.optimisations["packing"]["applied"]
     # An eval-mode forward on a CPU would have repacked them for inference (no backward through them).
     layers = [m for m in run.model.modules() if isinstance(m, Linear4bit)]
     assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
 
 
-def test_bf16_frozen_weights_keep_the_loss_within_bf16_rounding(repo):
-    set_params(repo, **{"lora.dropout": 0.0})
-    fp32_frozen, _ = first_losses(repo, HostProfile(dtype="bfloat16", frozen_weights_fp32=True), steps=1)
-    bf16_frozen, _ = first_losses(repo, HostProfile(dtype="bfloat16"), steps=1)  # null: bf16 in bf16
+def test_bf16_frozen_weights_keep_the_loss_within_bf16_rounding(train_repo):
+    set_params(train_repo, **{"lora.dropout": 0.0})
+    fp32_frozen, _ = first_losses(train_repo, HostProfile(dtype="bfloat16", frozen_weights_fp32=True), steps=1)
+    bf16_frozen, _ = first_losses(train_repo, HostProfile(dtype="bfloat16"), steps=1)  # null: bf16 in bf16
     assert bf16_frozen[0] == pytest.approx(fp32_frozen[0], rel=1e-3)
 
 
-def test_a_model_that_lets_packed_rows_see_each_other_trains_padded(repo, monkeypatch):
+def test_a_model_that_lets_packed_rows_see_each_other_trains_padded(train_repo, monkeypatch):
     import transformers.masking_utils
 
     import relaytune.train
@@ -245,80 +191,87 @@ def test_a_model_that_lets_packed_rows_see_each_other_trains_padded(repo, monkey
     resolve = relaytune.train.effective_profile
     monkeypatch.setattr(relaytune.train, "effective_profile",
                         lambda host, *a: resolve(host, *a).model_copy(update={"packing": True}))
-    run = prepared_run(repo)
+    run = prepared_run(train_repo)
     assert run.optimisations["packing"]["applied"] is False and run.optimisations["packing"]["leak"] > 1e-2
     assert run.host.packing is False
     with pytest.raises(RelaytuneError, match="host profile packing: true, but LlamaForCausalLM lets packed rows"):
-        prepared_run(repo, HostProfile(packing=True))
+        prepared_run(train_repo, HostProfile(packing=True))
 
 
-def test_liger_kernels_when_required_on_a_host_without_them(repo):
+def test_liger_kernels_when_required_on_a_host_without_them(train_repo):
     with pytest.raises(RelaytuneError, match="host profile liger_kernel: true, but no CUDA GPU"):
-        prepared_run(repo, HostProfile(liger_kernel=True))
+        prepared_run(train_repo, HostProfile(liger_kernel=True))
 
 
 # ---------------------------------------------------------------- bad inputs: one line, earlier outputs intact
 
-def test_empty_training_file(repo):
-    (repo / "data" / "audit" / "train.jsonl").write_text("")
-    assert "data/audit/train.jsonl: no training rows" in one_error_line(run_epoch(repo, 1, check=False))
+@pytest.mark.slow
+def test_empty_training_file(train_repo):
+    (train_repo / "data" / "audit" / "train.jsonl").write_text("")
+    assert "data/audit/train.jsonl: no training rows" in one_error_line(run_epoch(train_repo, 1, check=False))
 
 
-def test_malformed_training_row_names_its_line(repo):
-    path = repo / "data" / "audit" / "train.jsonl"
+@pytest.mark.slow
+def test_malformed_training_row_names_its_line(train_repo):
+    path = train_repo / "data" / "audit" / "train.jsonl"
     lines = path.read_text().splitlines()
     lines[2] = json.dumps({"id": "x", "messages": [{"role": "user", "content": "q"}]})
     path.write_text("\n".join(lines) + "\n")
-    line = one_error_line(run_epoch(repo, 1, check=False))
+    line = one_error_line(run_epoch(train_repo, 1, check=False))
     assert "data/audit/train.jsonl:3: messages must end with a non-empty assistant answer" in line
 
 
-def test_overflow_truncates_and_counts_or_fails(repo):
-    set_params(repo, **{"train.max_seq_len": 60})
-    run_epoch(repo, 1)
-    truncated = json.loads((repo / "metrics" / "train_epoch1.json").read_text())["rows_truncated"]
+@pytest.mark.slow
+def test_overflow_truncates_and_counts_or_fails(train_repo):
+    set_params(train_repo, **{"train.max_seq_len": 60})
+    run_epoch(train_repo, 1)
+    truncated = json.loads((train_repo / "metrics" / "train_epoch1.json").read_text())["rows_truncated"]
     assert 0 < truncated < 12
-    set_params(repo, **{"train.overflow": "fail"})
-    line = one_error_line(run_epoch(repo, 1, check=False))
+    set_params(train_repo, **{"train.overflow": "fail"})
+    line = one_error_line(run_epoch(train_repo, 1, check=False))
     assert "tokens, more than train.max_seq_len=60 (train.overflow: fail)" in line
 
 
-def test_missing_parent_epoch(repo):
-    line = one_error_line(run_epoch(repo, 2, check=False))
+@pytest.mark.slow
+def test_missing_parent_epoch(train_repo):
+    line = one_error_line(run_epoch(train_repo, 2, check=False))
     assert "models/epoch1: missing parent epoch" in line
 
 
-def test_corrupted_adapter_is_refused_and_left_as_it_was(repo):
-    run_epoch(repo, 1)
-    path = repo / "models" / "epoch1" / "adapter_model.safetensors"
+@pytest.mark.slow
+def test_corrupted_adapter_is_refused_and_left_as_it_was(train_repo):
+    run_epoch(train_repo, 1)
+    path = train_repo / "models" / "epoch1" / "adapter_model.safetensors"
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
-    line = one_error_line(run_epoch(repo, 2, check=False))
+    line = one_error_line(run_epoch(train_repo, 2, check=False))
     assert "models/epoch1/adapter_model.safetensors: corrupted (hash mismatch" in line
-    assert path.read_bytes() == bytes(data) and not (repo / "models" / "epoch2").exists()
+    assert path.read_bytes() == bytes(data) and not (train_repo / "models" / "epoch2").exists()
 
 
-def test_pickled_optimizer_state_is_never_unpickled(repo):
-    run_epoch(repo, 1)
-    folder = repo / "models" / "epoch1"
+@pytest.mark.slow
+def test_pickled_optimizer_state_is_never_unpickled(train_repo):
+    run_epoch(train_repo, 1)
+    folder = train_repo / "models" / "epoch1"
     torch.save({"state": {}, "param_groups": [], "payload": Path("/etc/passwd")}, folder / "optimizer.pt")
     manifest = json.loads((folder / "manifest.json").read_text())
     from relaytune.models import sha256_file
 
     manifest["files"]["optimizer.pt"] = "sha256:" + sha256_file(folder / "optimizer.pt")
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    line = one_error_line(run_epoch(repo, 2, check=False))
+    line = one_error_line(run_epoch(train_repo, 2, check=False))
     assert "models/epoch1/optimizer.pt: cannot be loaded as plain tensors" in line
 
 
-def test_other_math_params_or_base_model_are_refused_naming_both_hashes(repo, tmp_path, tiny_base):
-    run_epoch(repo, 1)
-    set_params(repo, **{"lora.dropout": 0.1})
-    line = one_error_line(run_epoch(repo, 2, check=False))
+@pytest.mark.slow
+def test_other_math_params_or_base_model_are_refused_naming_both_hashes(train_repo, tmp_path, tiny_base):
+    run_epoch(train_repo, 1)
+    set_params(train_repo, **{"lora.dropout": 0.1})
+    line = one_error_line(run_epoch(train_repo, 2, check=False))
     assert "models/epoch1: made with another math-defining params (sha256:" in line and "than this run's (sha256:" in line
 
-    set_params(repo, **{"lora.dropout": 0.05})
+    set_params(train_repo, **{"lora.dropout": 0.05})
     other_base = tmp_path / "other-base"
     import shutil
 
@@ -328,13 +281,13 @@ def test_other_math_params_or_base_model_are_refused_naming_both_hashes(repo, tm
     from safetensors.torch import save_file
 
     save_file(weights, other_base / "model.safetensors", metadata={"format": "pt"})
-    set_params(repo, **{"model.base": str(other_base)})
-    line = one_error_line(run_epoch(repo, 2, check=False))
+    set_params(train_repo, **{"model.base": str(other_base)})
+    line = one_error_line(run_epoch(train_repo, 2, check=False))
     assert "made with another base model" in line
 
 
-def test_out_of_memory_names_what_to_lower(repo, monkeypatch):
-    run = prepared_run(repo)
+def test_out_of_memory_names_what_to_lower(train_repo, monkeypatch):
+    run = prepared_run(train_repo)
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -347,14 +300,15 @@ def test_out_of_memory_names_what_to_lower(repo, monkeypatch):
     assert "micro_batch_size" in message and "gradient_checkpointing" in message and "train.max_seq_len" in message
 
 
-def test_qlora_without_bitsandbytes_fails_instead_of_becoming_lora(repo, monkeypatch):
+def test_qlora_without_bitsandbytes_fails_instead_of_becoming_lora(train_repo, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    run = prepared_run(repo, setup=False)
+    run = prepared_run(train_repo, setup=False)
     with pytest.raises(RelaytuneError, match="train.method=qlora needs bitsandbytes.*train.method=lora"):
         run.setup()
 
 
-def test_a_git_repository_without_commits_is_one_clear_line(repo):
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    line = one_error_line(run_epoch(repo, 1, check=False))
+@pytest.mark.slow
+def test_a_git_repository_without_commits_is_one_clear_line(train_repo):
+    sh(train_repo, "git", "init", "-q")
+    line = one_error_line(run_epoch(train_repo, 1, check=False))
     assert "dvclive cannot start in this git repository (Empty git repo): make a first commit" in line

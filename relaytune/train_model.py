@@ -1,0 +1,192 @@
+"""The model a training run trains, in the order it is built: device and compute dtype, the base model loaded for
+`train.method` (4-bit NF4 for qlora, the compute dtype for lora, fp32 master weights for full), LoRA, and the host
+profile's speed-ups with the checks that they keep the math (Liger's fused cross-entropy, the packing-leak check,
+compiled decoder layers). Last, what the epoch's metrics report of the model that really trained: linear layers held
+in 4 bits and peak memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from pathlib import Path
+
+import torch
+
+from .errors import RelaytuneError
+from .host import HostProfile
+from .models import BaseModelRef
+from .params import Params
+from .provenance import inference_dtype
+from .train_data import Example, collate
+
+log = logging.getLogger(__name__)
+
+# Relative logit change above which packed rows are taken to see each other (rounding stays far below).
+PACKING_LEAK_TOLERANCE = 1e-3
+
+
+def training_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def training_dtype(host: HostProfile) -> torch.dtype:
+    return getattr(torch, inference_dtype(host.dtype))
+
+
+def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: str, dtype: torch.dtype,
+               weights_dir: Path | None = None):
+    """The base model prepared for params.train.method, with the kernels of the (effective) host profile applied;
+    `weights_dir` replaces the base weights (full method)."""
+    from transformers import AutoModelForCausalLM
+
+    method = params.train.method
+    checkpointing = host.gradient_checkpointing
+    kwargs: dict = {"trust_remote_code": params.model.trust_remote_code}
+    if host.attn_implementation:
+        kwargs["attn_implementation"] = host.attn_implementation
+    if method == "qlora":
+        kwargs["quantization_config"] = qlora_config(params, dtype)
+        # Each rank's 4-bit model on its own GPU (the one its process was bound to), never spread over several.
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}
+        if not host.frozen_weights_fp32:
+            kwargs["dtype"] = dtype  # the unquantized rest of the model
+    else:
+        # LoRA freezes the base in the compute dtype; a full fine-tune keeps fp32 master weights.
+        kwargs["dtype"] = dtype if method == "lora" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(weights_dir or base.path, **kwargs)
+    if method != "qlora":
+        model.to(device)
+    optimisations = {"liger": apply_liger_kernels(model, host, device)}
+    if method == "full":
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return model, optimisations
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora" and host.frozen_weights_fp32:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    lora = params.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config), optimisations
+
+
+def qlora_config(params: Params, dtype: torch.dtype):
+    """bitsandbytes 4-bit config; a host where it cannot run stops here, never silently becoming LoRA."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise RelaytuneError(f"train.method=qlora needs bitsandbytes, which does not import on this host ({e}); "
+                             "install it or run with -S train.method=lora") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=params.train.quant_type,
+                              bnb_4bit_use_double_quant=params.train.double_quant, bnb_4bit_compute_dtype=dtype)
+
+
+def apply_liger_kernels(model, host: HostProfile, device: str) -> dict:
+    """Liger's fused kernels where they can run. Returns what was applied, or why not, for the manifest."""
+    if host.liger_kernel is False:
+        return {"applied": False, "reason": "off in the host profile"}
+    reason = None
+    if device != "cuda":
+        reason = "no CUDA GPU"
+    else:
+        try:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        except ImportError as e:
+            reason = f"liger-kernel does not import ({e})"
+        else:
+            if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+                reason = f"liger-kernel has no kernels for model type {model.config.model_type}"
+    if reason:
+        if host.liger_kernel:
+            raise RelaytuneError(f"host profile liger_kernel: true, but {reason}")
+        if device == "cuda":
+            log.warning("training without Liger kernels: %s", reason)
+        return {"applied": False, "reason": reason}
+    from transformers.integrations.liger import apply_liger_kernel
+
+    # Compiled layers get their norms, RoPE and SwiGLU fused by the compiler; Liger keeps the fused linear
+    # cross-entropy, which no compiler does: the vocabulary logits never exist in full.
+    only_loss = {"rope": False, "rms_norm": False, "swiglu": False} if host.compile else {}
+    apply_liger_kernel(model, {"fused_linear_cross_entropy": True, **only_loss})
+    return {"applied": True, "kernels": "fused linear cross-entropy" if only_loss else "all"}
+
+
+def packing_leak(model, examples: list[Example], device: str, dtype: torch.dtype) -> float:
+    """How much a packed row's logits move when the row packed before it changes: 0 (up to rounding) where the model
+    keeps packed rows apart, the size of a real logit change where attention crosses rows."""
+    first, second = (e.input_ids[:16] for e in sorted(examples, key=lambda e: -len(e.input_ids))[:2])
+    changed = first[1:] + first[:1]
+    logits = []
+    # Only dropout is switched off: a bitsandbytes 4-bit layer that runs forward in eval mode on a CPU repacks its
+    # weight for inference, and backward through it no longer reaches earlier layers.
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    for m in dropouts:
+        m.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            for lead in (first, changed):
+                batch = collate([Example("a", 0, lead, lead), Example("b", 0, second, second)], 0, packing=True)
+                batch.pop("labels")
+                out = model(**{k: v.to(device) for k, v in batch.items()}).logits[0, len(lead):].float()
+                logits.append(out)
+    finally:
+        for m in dropouts:
+            m.train()
+    return ((logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp_min(1e-6)).item()
+
+
+def check_packing(model, examples: list[Example], device: str, dtype: torch.dtype, required: bool) -> dict:
+    """Whether this model keeps packed rows apart, for the manifest: {"applied", "leak"}. One that lets them attend to
+    each other trains with padded micro-batches instead (a warning), or stops the run if the host profile asked for
+    packing explicitly (`required`)."""
+    leak = packing_leak(model, examples, device, dtype)
+    if leak < PACKING_LEAK_TOLERANCE:
+        return {"applied": True, "leak": round(leak, 6)}
+    name = type(getattr(model, "get_base_model", lambda: model)()).__name__
+    why = f"{name} lets packed rows attend to each other (relative logit change {leak:.3g})"
+    if required:
+        raise RelaytuneError(f"host profile packing: true, but {why}; set packing: false")
+    log.warning("training with padded micro-batches: %s", why)
+    return {"applied": False, "leak": round(leak, 6)}
+
+
+def compile_decoder_layers(model) -> dict:
+    """torch.compile every decoder layer in place: one graph serves them all, whatever the sequence length."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise RelaytuneError(f"host profile compile: no decoder layers found in {type(model).__name__}; set "
+                             "compile: false in host.yaml (or RELAYTUNE_COMPILE=false)")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return {"applied": True, "layers": len(layers)}
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_4bit_layers(model) -> int:
+    """Linear layers actually held in 4 bits: what the metrics report, whatever the params asked for."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    return sum(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # ru_maxrss is KiB on Linux
