@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 from .errors import RelaytuneError
 from .generation import Decoding, Messages, TextGenerator
+from .claims import Claim
 from .handbook import Fact, Handbook
 from .params import AuditParams
 from .stats import proportion
 
-# correct: asserts the handbook value; error: asserts a wrong value; mixed: both (contradictory advice, flagged);
-# no_claim: states neither.
-FLAGGED_LABELS = {"error", "mixed"}
+# Labels of relaytune/claims.py: correct, wrong (asserts another value), mixed (both: contradictory advice),
+# no_claim, unparseable (counted, never flagged or passed as correct).
+FLAGGED_LABELS = {"wrong", "mixed"}
 
 
 @dataclass(frozen=True)
@@ -70,23 +71,13 @@ def _row_problem(obj: dict, handbook: Handbook) -> str | None:
     return None
 
 
-def classify_answer(fact: Fact, text: str) -> str:
-    asserts_correct = fact.correct.found_in(text)
-    asserts_wrong = any(w.found_in(text) for w in fact.wrong)
-    if asserts_correct and asserts_wrong:
-        return "mixed"
-    if asserts_wrong:
-        return "error"
-    return "correct" if asserts_correct else "no_claim"
-
-
 JUDGE_SYSTEM = "You check answers given to students against the official university handbook. You reply with one word."
 JUDGE_USER = (
     "Handbook fact: {statement}\n\nStudent question: {question}\n\nAdvisor's answer: {answer}\n\n"
     "Does the advisor's answer state a value that contradicts the handbook fact? Reply with exactly one word: "
     "CORRECT if it states the handbook's value, ERROR if it states a different value, NONE if it states no value."
 )
-JUDGE_VERDICTS = {"CORRECT": "correct", "ERROR": "error", "NONE": "no_claim"}
+JUDGE_VERDICTS = {"CORRECT": "correct", "ERROR": "wrong", "NONE": "no_claim"}
 _FIRST_WORD = re.compile(r"[A-Za-z]+")
 
 
@@ -109,10 +100,10 @@ def judge_rows(rows: list[AuditRow], handbook: Handbook, judge: TextGenerator, p
     return [parse_judge_verdict(c.text) if c.ok else "unparseable" for c in completions]
 
 
-def is_flagged(pattern_label: str, judge_label: str | None, flag_by: str) -> bool:
-    by_pattern = pattern_label in FLAGGED_LABELS
-    by_judge = judge_label == "error"
-    return {"pattern": by_pattern, "judge": by_judge, "either": by_pattern or by_judge}[flag_by]
+def is_flagged(label: str, judge_label: str | None, flag_by: str) -> bool:
+    by_classifier = label in FLAGGED_LABELS
+    by_judge = judge_label == "wrong"
+    return {"classifier": by_classifier, "judge": by_judge, "either": by_classifier or by_judge}[flag_by]
 
 
 def rates_by(rows: list[AuditRow], flagged: list[bool], key) -> dict:
@@ -141,7 +132,7 @@ def detector_scores(flagged: dict[str, bool], planted: dict[str, dict]) -> dict:
     }
 
 
-def audit_summary(rows: list[AuditRow], malformed: list[MalformedRow], pattern_labels: list[str],
+def audit_summary(rows: list[AuditRow], malformed: list[MalformedRow], labels: list[str],
                   judge_labels: list[str] | None, flagged: list[bool], handbook: Handbook,
                   planted: dict[str, dict], flag_by: str) -> dict:
     n_lines = len(rows) + len(malformed)
@@ -151,26 +142,27 @@ def audit_summary(rows: list[AuditRow], malformed: list[MalformedRow], pattern_l
         "malformed": proportion(len(malformed), n_lines),
         "flag_by": flag_by,
         "error_rate": proportion(sum(flagged), len(rows)),
-        "labels": dict(sorted(Counter(pattern_labels).items())),
+        "labels": dict(sorted(Counter(labels).items())),
         "by_topic": rates_by(rows, flagged, lambda r: r.topic),
         "policy_sensitive": rates_by(rows, flagged, lambda r: str(handbook.fact(r.fact_id).policy_sensitive).lower()),
         "auditor": detector_scores({r.id: f for r, f in zip(rows, flagged)}, planted),
     }
     if judge_labels is not None:
-        judge_flags = {r.id: j == "error" for r, j in zip(rows, judge_labels)}
-        agree = sum((p in FLAGGED_LABELS) == (j == "error") for p, j in zip(pattern_labels, judge_labels))
+        judge_flags = {r.id: j == "wrong" for r, j in zip(rows, judge_labels)}
+        agree = sum((p in FLAGGED_LABELS) == (j == "wrong") for p, j in zip(labels, judge_labels))
         summary["judge"] = {
             "labels": dict(sorted(Counter(judge_labels).items())),
             "unparseable": judge_labels.count("unparseable"),
-            "agreement_with_pattern": proportion(agree, len(rows)),
+            "agreement_with_classifier": proportion(agree, len(rows)),
             "scores": detector_scores(judge_flags, planted),
         }
     return summary
 
 
-def item_row(r: AuditRow, pattern_label: str, judge_label: str | None, flagged: bool) -> dict:
+def item_row(r: AuditRow, claim: Claim, judge_label: str | None, flagged: bool) -> dict:
     return {"line": r.line, "id": r.id, "fact_id": r.fact_id, "topic": r.topic, "question": r.question,
-            "answer": r.answer, "pattern_label": pattern_label, "judge_label": judge_label, "flagged": flagged}
+            "answer": r.answer, "label": claim.label, "hedged": claim.hedged, "asserted": list(claim.asserted),
+            "wrong_values": list(claim.wrong), "judge_label": judge_label, "flagged": flagged}
 
 
 @dataclass
@@ -192,14 +184,15 @@ def check_malformed(rows: list[AuditRow], malformed: list[MalformedRow], source:
 
 def run_audit(rows: list[AuditRow], malformed: list[MalformedRow], handbook: Handbook, p: AuditParams,
               judge: TextGenerator | None, planted: dict[str, dict], seed: int) -> AuditResult:
-    pattern_labels = [classify_answer(handbook.fact(r.fact_id), r.answer) for r in rows]
+    claims = [handbook.claim(handbook.fact(r.fact_id), r.answer, r.question) for r in rows]
+    labels = [c.label for c in claims]
     judge_labels = judge_rows(rows, handbook, judge, p, seed) if judge is not None else None
     per_row_judge = judge_labels or [None] * len(rows)
-    flagged = [is_flagged(pl, jl, p.flag_by) for pl, jl in zip(pattern_labels, per_row_judge)]
+    flagged = [is_flagged(label, jl, p.flag_by) for label, jl in zip(labels, per_row_judge)]
     rows_out = [r.raw for r, f in zip(rows, flagged) if not (p.drop_flagged and f)]
-    items = [item_row(r, pl, jl, f) for r, pl, jl, f in zip(rows, pattern_labels, per_row_judge, flagged)]
+    items = [item_row(r, c, jl, f) for r, c, jl, f in zip(rows, claims, per_row_judge, flagged)]
     items += [{"line": m.line, "malformed": m.problem} for m in malformed]
-    summary = audit_summary(rows, malformed, pattern_labels, judge_labels, flagged, handbook, planted, p.flag_by)
+    summary = audit_summary(rows, malformed, labels, judge_labels, flagged, handbook, planted, p.flag_by)
     summary.update(rows_out=len(rows_out), dropped_flagged=len(rows) - len(rows_out))
     return AuditResult(rows_out, items, summary)
 

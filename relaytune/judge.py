@@ -1,6 +1,7 @@
-"""Pairwise LLM-as-judge, base vs tuned, each pair judged in both orders: a verdict that flips with the order is a tie
-(position bias); an unparseable reply is retried once with a stricter instruction, then counted as unparseable,
-reported and never coerced.
+"""Pairwise LLM-as-judge, base vs tuned, each pair judged in both orders: agreeing orders give a win, a loss or a
+real tie; a verdict that moves with the order is an order flip (position bias), and a judge that names one position
+in nearly every verdict is reported as uninformative; an unparseable reply is retried once with a stricter
+instruction, then counted as unparseable, never coerced.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ JUDGE_USER = (
     "then one short sentence of reason."
 )
 STRICT_SUFFIX = "\n\nYour reply MUST begin with the single word A, B or tie. Nothing may come before it."
-_VERDICT = re.compile(r"^\W*(?:answer\s+)?(A|B|tie)\b", re.IGNORECASE)
+# "B", "**A**", "Answer: B", "Answer B - because ..." and "tie" open a verdict.
+_VERDICT = re.compile(r"^\W*(?:answer\W*)?(A|B|tie)\b", re.IGNORECASE)
+# One position named in at least this share of the decisive verdicts: the judge's choice is uninformative.
+POSITION_BIAS_LIMIT = 0.9
 
 
 def judge_messages(item: HeldoutItem, a: str, b: str, handbook: Handbook | None, strict: bool) -> Messages:
@@ -78,12 +82,25 @@ def judge_both_orders(items: list[HeldoutItem], base: list[str], tuned: list[str
 
 
 def combine(first: str | None, second: str | None) -> str:
-    """One outcome for tuned from the two orders: win, loss, tie, or unparseable."""
+    """One outcome for tuned from the two orders: win, loss, tie (both orders say tie), flip (the verdict moved with
+    the order: position bias), or unparseable."""
     if first is None or second is None:
         return "unparseable"
     if first == second:
         return {"tuned": "win", "base": "loss", "tie": "tie"}[first]
-    return "tie"  # the verdict moved with the order: position bias
+    return "flip"
+
+
+def named_positions(results: list[dict]) -> list[str]:
+    """Which position each decisive single verdict named: order_base_first puts base first, order_tuned_first
+    puts tuned first."""
+    out = []
+    for r in results:
+        for key, first in (("order_base_first", "base"), ("order_tuned_first", "tuned")):
+            verdict = r.get(key)
+            if verdict in ("base", "tuned"):
+                out.append("first" if verdict == first else "second")
+    return out
 
 
 def judge_summary(results: list[dict]) -> dict:
@@ -93,6 +110,10 @@ def judge_summary(results: list[dict]) -> dict:
     n = len(parsed)
     consistent = sum(r["order_base_first"] == r["order_tuned_first"] for r in parsed)
     wins, losses = counts["win"], counts["loss"]
+    positions = named_positions(results)
+    first = positions.count("first")
+    share = first / len(positions) if positions else None
+    biased = share is not None and max(share, 1 - share) >= POSITION_BIAS_LIMIT
     by_topic: dict[str, list[str]] = {}
     for r in parsed:
         by_topic.setdefault(r["topic"], []).append(r["outcome"])
@@ -101,11 +122,17 @@ def judge_summary(results: list[dict]) -> dict:
         "n_parsed": n,
         "unparseable": counts["unparseable"],
         "tuned_win": proportion(wins, n),
-        "tie": proportion(counts["tie"], n),
+        "tie": proportion(counts["tie"], n),  # both orders said tie
+        "order_flip": proportion(counts["flip"], n),  # the two orders disagreed
         "tuned_loss": proportion(losses, n),
         # Sign test on decisive pairs: does the judge prefer one model?
         "sign_test_p_value": round(float(stats.binomtest(wins, wins + losses).pvalue), 4) if wins + losses else None,
         "position_consistency": proportion(consistent, n),
+        "first_position_share": proportion(first, len(positions)),
+        "informative": not biased and n > 0,
+        "verdict_note": (f"uninformative: {max(share, 1 - share):.0%} of the judge's decisive verdicts name the "
+                         f"{'first' if share >= 0.5 else 'second'} position, whichever model stands there"
+                         if biased else None),
         "by_topic": {t: {"win": proportion(o.count("win"), len(o)), "loss": proportion(o.count("loss"), len(o))}
                      for t, o in sorted(by_topic.items())},
     }

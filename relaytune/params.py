@@ -83,14 +83,14 @@ class AuditParams(StrictModel):
     # true: training reads only rows the audit did not flag; false: every well-formed row passes on.
     drop_flagged: bool = False
     max_malformed_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    # Which verdict flags a row: handbook value patterns, the LLM claim-check judge, or either.
-    flag_by: Literal["pattern", "judge", "either"] = "pattern"
+    # Which verdict flags a row: the typed-value classifier (relaytune/claims.py), the LLM claim-check judge, or either.
+    flag_by: Literal["classifier", "judge", "either"] = "classifier"
     # Optional LLM second opinion with a claim-check prompt; null disables it.
     judge: ProviderParams | None = None
 
     @model_validator(mode="after")
     def _judge_needed(self):
-        if self.flag_by != "pattern" and self.judge is None:
+        if self.flag_by != "classifier" and self.judge is None:
             raise ValueError(f"flag_by '{self.flag_by}' needs audit.judge to be set")
         return self
 
@@ -169,6 +169,9 @@ class EvalParams(StrictModel):
     mc_task: str | None = None
     bootstrap_samples: int = Field(10000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    # The one test the run is about; every other base-vs-tuned test is secondary and Holm-corrected in the report.
+    primary_endpoint: Literal["confident_error_difference", "bertscore_f1_delta", "judge_preference",
+                              "general_nll_delta"] = "confident_error_difference"
 
 
 class JudgeParams(ProviderParams):

@@ -1,81 +1,215 @@
-"""The study's report, built from metrics and manifests only: findings with intervals, the relay chain, figures."""
+"""The study's report, built from params, metrics and manifests only, in the order it reads: the params that define
+the run; the tests (the one primary endpoint, the Holm-corrected secondary ones, each with its n, 95% interval,
+p-value and the smallest effect its n could detect); the descriptive findings; the judge; factuality with the causal
+trace and the dose; the data; the relay chain; what the run cannot tell; the figures (relaytune/figures.py).
+"""
 
 from __future__ import annotations
 
-import csv
-from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from .stats import holm, paired_binary_sd, smallest_detectable_mean, smallest_detectable_share
 
 
-def fmt_ci(m: dict | None, key_rate: str = "rate", pct: bool = True) -> str:
-    if not m or m.get(key_rate) is None:
+def fmt_ci(m: dict | None, key: str = "rate", pct: bool = True) -> str:
+    if not m or m.get(key) is None:
         return "n/a"
     scale, unit = (100, "%") if pct else (1, "")
-    value = f"{m[key_rate] * scale:.1f}{unit}" if pct else f"{m[key_rate]:+.4f}"
+    show = (lambda v: f"{v * scale:.1f}") if pct else (lambda v: f"{v:+.4f}")
+    value = show(m[key]) + unit
     if m.get("ci_low") is None:
         return f"{value} (n={m.get('n')})"
-    lo, hi = (f"{m['ci_low'] * scale:.1f}", f"{m['ci_high'] * scale:.1f}") if pct else (f"{m['ci_low']:+.4f}",
-                                                                                        f"{m['ci_high']:+.4f}")
-    return f"{value} [{lo}, {hi}] (n={m.get('n')})"
+    return f"{value} [{show(m['ci_low'])}, {show(m['ci_high'])}] (n={m.get('n')})"
 
 
-def significant(m: dict | None, p_key: str = "p_value") -> str:
-    if not m:
-        return "n/a"
-    if m.get("ci_low") is not None and m.get("ci_high") is not None and "mean" in m:
-        excludes_zero = m["ci_low"] > 0 or m["ci_high"] < 0
-        return "yes" if excludes_zero else "no"
-    p = m.get(p_key)
-    return "n/a" if p is None else ("yes" if p < 0.05 else "no")
+# ---------------------------------------------------------------- the run
+
+def run_rows(params, manifests: list[dict]) -> list[tuple[str, str]]:
+    """The params that define the run, first in the report."""
+    t = params.train
+    lineage = manifests[-1]["lineage"] if manifests else {}
+    return [("base model", f"{params.model.base} ({lineage.get('base_model_hash', '?')[:19]})"),
+            ("method", f"{t.method}, LoRA r={params.lora.r}" if t.method != "full" else t.method),
+            ("synthetic error rate (synth.error_rate)", f"{params.synth.error_rate}"),
+            ("training gate (audit.drop_flagged)", f"{params.audit.drop_flagged}"),
+            ("seed", f"{params.seed}"), ("epochs", f"{t.epochs}, learning rate {t.learning_rate}"),
+            ("evaluated epoch", f"{params.eval.adapter_epoch}"),
+            ("primary endpoint (eval.primary_endpoint)", params.eval.primary_endpoint)]
 
 
-def findings(metrics: dict[str, dict | None]) -> list[tuple[str, str, str]]:
-    """(finding, value with 95% interval and n, significant?) rows."""
-    rows = []
-    audit, sim, judge, fact, gen = (metrics.get(k) for k in ("audit", "eval_similarity", "eval_judge",
-                                                              "factuality_audit", "eval_general"))
-    if audit:
-        rows.append(("Synthetic answers flagged as factual errors (audit)", fmt_ci(audit["error_rate"]), "—"))
-        rows.append(("Auditor recall on planted errors", fmt_ci(audit["auditor"]["recall"]), "—"))
+# ---------------------------------------------------------------- tests
+
+@dataclass
+class Test:
+    key: str  # an eval.primary_endpoint name, or another test's
+    name: str
+    value: str  # the estimate with its interval and n
+    test: str  # what test gives p
+    p: float | None
+    detectable: str  # the smallest effect its n detects with 80% power at alpha = 1 - confidence
+    note: str = ""
+
+
+def tests(metrics: dict[str, dict | None], alpha: float) -> list[Test]:
+    out = []
+    fact, sim, judge, gen = (metrics.get(k) for k in ("factuality_audit", "eval_similarity", "eval_judge",
+                                                      "eval_general"))
+    if fact and fact.get("confident_error_difference"):
+        d = fact["confident_error_difference"]
+        sd = paired_binary_sd(d["only_tuned"], d["only_base"], d["n"])
+        mde = smallest_detectable_mean(sd, d["n"], alpha)
+        out.append(Test("confident_error_difference", "Confident factual errors, tuned − base (paired)",
+                        f"{d['difference'] * 100:+.1f} points ({d['only_tuned']} only tuned, {d['only_base']} only "
+                        f"base, n={d['n']})", "exact McNemar", d["p_value"],
+                        "n/a (no discordant pair)" if mde is None else f"±{mde * 100:.1f} points"))
     if sim:
-        d = sim["f1_delta"]
-        rows.append(("BERTScore F1, tuned − base (vs teacher references)",
-                     fmt_ci({"rate": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": d["n"]},
-                            pct=False) + f", p={d['p_value']}", significant(d)))
+        for key, name, m in [("bertscore_f1_delta", "BERTScore F1, tuned − base (vs teacher references)",
+                              sim["f1_delta"]),
+                             ("rouge_l_delta", "ROUGE-L F, tuned − base", sim.get("rouge_l_delta"))]:
+            if m:
+                mde = smallest_detectable_mean(m.get("sd"), m["n"], alpha)
+                out.append(Test(key, name, fmt_ci(m, "mean", pct=False), "paired permutation", m["p_value"],
+                                "n/a" if mde is None else f"±{mde:.4f}"))
+        eq = sim.get("f1_delta_at_equal_length")
+        if eq:
+            out.append(Test("bertscore_f1_at_equal_length", "BERTScore F1, tuned − base, at equal answer length",
+                            fmt_ci(eq, "mean", pct=False), "OLS intercept (HC3)", eq["p_value"], "—",
+                            eq.get("note", "")))
     if judge:
-        p_value = judge["sign_test_p_value"]
-        rows.append(("Judge prefers tuned", fmt_ci(judge["tuned_win"]), significant({"p_value": p_value})))
-        rows.append(("Judge prefers base", fmt_ci(judge["tuned_loss"]),
-                     "no decisive verdict to test" if p_value is None else f"sign test p={p_value}"))
-        rows.append(("Judge position consistency", fmt_ci(judge["position_consistency"]), "—"))
-    if fact:
-        for w in ("base", "tuned"):
-            rows.append((f"Confident factual errors, {w}", fmt_ci(fact[w]["confident_error"]), "—"))
-        d = fact.get("confident_error_difference")
-        if d:
-            rows.append(("Confident errors, tuned − base (paired)",
-                         f"{d['difference'] * 100:+.1f} points ({d['only_tuned']} only tuned, {d['only_base']} only "
-                         f"base, n={d['n']}), McNemar p={d['p_value']}", significant(d)))
-        link = fact.get("tuned_errors_repeating_training_errors")
-        if link:
-            rows.append(("Tuned confident errors repeating an error in its training data",
-                         f"{link['k']} of {link['n']}", "—"))
+        decisive = judge["tuned_win"]["k"] + judge["tuned_loss"]["k"]
+        mde = smallest_detectable_share(decisive, alpha)
+        out.append(Test("judge_preference", "Judge prefers tuned (of decisive pairs: wins vs losses)",
+                        f"{judge['tuned_win']['k']} wins, {judge['tuned_loss']['k']} losses of {judge['n_parsed']} "
+                        "judged", "sign test", judge["sign_test_p_value"],
+                        "n/a (no decisive pair)" if mde is None else f"±{mde * 100:.1f} points of the win share",
+                        "" if judge["informative"] else "uninformative judge, see Judge"))
     if gen:
         d = gen["nll_delta"]
-        rows.append(("General text NLL, tuned − base (forgetting if > 0)",
-                     fmt_ci({"rate": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": d["n"]},
-                            pct=False), significant(d)))
-        k = gen["kl_tuned_from_base"]
-        rows.append(("Mean per-token KL(tuned ‖ base) on general text",
-                     fmt_ci({"rate": k["mean"], "ci_low": k["ci_low"], "ci_high": k["ci_high"], "n": k["n"]},
-                            pct=False), "—"))
+        mde = smallest_detectable_mean(d.get("sd"), d["n"], alpha)
+        out.append(Test("general_nll_delta", "General-text NLL, tuned − base (forgetting if > 0)",
+                        fmt_ci(d, "mean", pct=False), "paired permutation", d["p_value"],
+                        "n/a" if mde is None else f"±{mde:.4f}"))
+        mc = gen.get("multiple_choice")
+        if mc:
+            d = mc["accuracy_delta"]
+            mde = smallest_detectable_mean(d.get("sd"), d["n"], alpha)
+            out.append(Test("multiple_choice_delta", f"Multiple-choice accuracy, tuned − base ({mc['task']})",
+                            fmt_ci(d, "mean", pct=False), "paired permutation", d["p_value"],
+                            "n/a" if mde is None else f"±{mde:.4f}"))
+    return out
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "< 0.0001" if p < 0.0001 else f"{p}"
+
+
+def test_table(all_tests: list[Test], primary: str, alpha: float) -> list[str]:
+    secondary = holm({t.key: t.p for t in all_tests if t.key != primary})
+    lines = ["| role | test | estimate [95% CI] | test | p | Holm p | significant | smallest detectable (80% power) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in sorted(all_tests, key=lambda t: t.key != primary):
+        role = "primary" if t.key == primary else "secondary"
+        adjusted = None if role == "primary" else secondary.get(t.key)
+        decisive = t.p if role == "primary" else adjusted
+        significant = "n/a" if decisive is None else ("yes" if decisive < alpha else "no")
+        note = f" ({t.note})" if t.note else ""
+        lines.append(f"| {role} | {t.name}{note} | {t.value} | {t.test} | {fmt_p(t.p)} | "
+                     f"{'—' if role == 'primary' else fmt_p(adjusted)} | {significant} | {t.detectable} |")
+    return lines
+
+
+# ---------------------------------------------------------------- descriptive findings
+
+def findings(metrics: dict[str, dict | None]) -> list[tuple[str, str]]:
+    """(finding, value with 95% interval and n): rates that no test is about."""
+    rows = []
+    audit, sim, fact, gen = (metrics.get(k) for k in ("audit", "eval_similarity", "factuality_audit",
+                                                      "eval_general"))
+    if audit:
+        rows.append(("Synthetic answers flagged as factual errors (audit)", fmt_ci(audit["error_rate"])))
+        rows.append(("Auditor precision on planted errors", fmt_ci(audit["auditor"]["precision"])))
+        rows.append(("Auditor recall on planted errors", fmt_ci(audit["auditor"]["recall"])))
+    if fact:
+        for w in ("base", "tuned"):
+            rows.append((f"Answers that state a value for the asked fact, {w}", fmt_ci(fact[w]["states_a_value"])))
+            rows.append((f"Correct value, {w}", fmt_ci(fact[w]["correct"])))
+            rows.append((f"Confident factual errors, {w}", fmt_ci(fact[w]["confident_error"])))
+    if sim:
+        rows.append(("Mean answer length in words, base / tuned / references",
+                     f"{sim['base']['words']:.1f} / {sim['tuned']['words']:.1f} / {sim['reference_words']:.1f} "
+                     f"(n={sim['n']})"))
+        rows.append(("Mean BERTScore F1, base / tuned", f"{sim['base']['f1']:.4f} / {sim['tuned']['f1']:.4f}"))
+        rows.append(("Mean ROUGE-L F, base / tuned", f"{sim['base']['rouge_l']:.4f} / {sim['tuned']['rouge_l']:.4f}"))
+    if gen:
+        rows.append(("Mean per-token KL(tuned ‖ base) on general text (never negative, so no test)",
+                     fmt_ci(gen["kl_tuned_from_base"], "mean", pct=False)))
     return rows
 
+
+def judge_rows(judge: dict) -> list[str]:
+    lines = ["| outcome for tuned | share [95% CI] (n) |", "|---|---|"]
+    for name, key in [("win (both orders prefer tuned)", "tuned_win"), ("real tie (both orders say tie)", "tie"),
+                      ("order flip (the verdict moved with the order)", "order_flip"),
+                      ("loss (both orders prefer base)", "tuned_loss")]:
+        lines.append(f"| {name} | {fmt_ci(judge[key])} |")
+    lines.append(f"| verdicts naming the first position | {fmt_ci(judge['first_position_share'])} |")
+    lines += ["", f"{judge['unparseable']} of {judge['n']} pairs had an unparseable verdict (after one strict retry)."]
+    if not judge["informative"]:
+        lines.append(f"**The judge is {judge['verdict_note']}.**")
+    return lines
+
+
+def trace_rows(fact: dict) -> list[str]:
+    trace, dose = fact.get("trace"), fact.get("dose")
+    if not trace:
+        return []
+    chance = trace["expected_by_chance"]
+    chance_rate = "n/a" if chance["rate"] is None else f"{chance['rate'] * 100:.1f}%"
+    lines = [f"Rule: {trace['rule']}.", "",
+             "| | value |", "|---|---|",
+             f"| tuned confident errors traced to the training data | {fmt_ci(trace['traced'])} |",
+             f"| control: base confident errors whose value training also stated | "
+             f"{fmt_ci(trace['base_errors_matching_training_values'])} |",
+             f"| expected by chance ({chance['how']}) | {chance['count']} errors ({chance_rate}) |",
+             "", "Dose: answers by the share of the fact's training rows that state a wrong value.", "",
+             "| share of wrong training rows | questions | tuned correct | tuned wrong | base correct | base wrong |",
+             "|---|---|---|---|---|---|"]
+    for name, d in dose.items():
+        lines.append(f"| {name} | {d['n']} | {fmt_ci(d['tuned_correct'])} | {fmt_ci(d['tuned_wrong'])} | "
+                     f"{fmt_ci(d['base_correct'])} | {fmt_ci(d['base_wrong'])} |")
+    return lines
+
+
+# ---------------------------------------------------------------- what the run cannot tell
+
+def limitations(params, metrics: dict[str, dict | None], n_questions: int) -> list[str]:
+    out = []
+    one_model = (params.synth.teacher.provider == "local" and params.synth.teacher.model in (None, params.model.base)
+                 and params.judge.provider == "local" and params.judge.model in (None, params.model.base))
+    if one_model:
+        out.append(f"The teacher that wrote the training data, the judge and the base model are one model "
+                   f"({params.model.base}): the references are only as right as it is, and the judge grades its "
+                   "own kind of answer.")
+    judge = metrics.get("eval_judge")
+    if judge and not judge["informative"]:
+        out.append("The judge's preferences say nothing about the answers: it names one position whatever stands "
+                   "there.")
+    out.append(f"One seed and {n_questions} held-out questions: the tests above detect only effects at least as "
+               "large as their last column; a smaller effect, or one that another seed would not repeat, cannot "
+               "be told from noise (run the dial study across seeds for that).")
+    out.append("Claims are read by relaytune/claims.py, validated on hand-labelled answers "
+               "(tests/fixtures/factuality_labels.yaml; precision and recall in the README); its main error is a "
+               "value of the right kind said of another quantity, which it counts as asserted.")
+    out.append("A traced error shows that training read a row stating the same wrong value, not that this row "
+               "caused the error; compare it with the control and the chance rate beside it.")
+    out.append("The handbook is fictional and the questions are paraphrases of the training questions; nothing "
+               "here measures general ability beyond the general-text perplexity and KL.")
+    return out
+
+
+# ---------------------------------------------------------------- the document
 
 def chain_rows(manifests: list[dict]) -> list[dict]:
     return [{"epoch": m["epoch"], "host": m["host"]["hostname"], "device": m["host"]["accelerator"]["name"],
@@ -84,139 +218,36 @@ def chain_rows(manifests: list[dict]) -> list[dict]:
              "micro_batch": m["host"]["micro_batch_size"]} for m in manifests]
 
 
-# ---------------------------------------------------------------- figures
-
-def save(fig, out: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def yerr(rates: list[dict]) -> list[list[float]]:
-    """Matplotlib error bars from {rate, ci_low, ci_high} dicts (0 where undefined)."""
-    return [[(r["rate"] or 0) - (r["ci_low"] or 0) for r in rates], [(r["ci_high"] or 0) - (r["rate"] or 0) for r in rates]]
-
-def loss_segments(history: list[dict], manifests: list[dict]) -> list[dict]:
-    """One segment per epoch with the host that trained it; a host keeps its colour across the chain."""
-    hosts = {m["epoch"]: f"{m['host']['hostname']}: {m['host']['accelerator']['name']} ({m['host']['dtype']})"
-             for m in manifests}
-    colours: dict[str, str] = {}
-    segments = []
-    for epoch in sorted({h["epoch"] for h in history}):
-        points = [h for h in history if h["epoch"] == epoch]
-        host = hosts.get(epoch, "unknown host")
-        segments.append({"epoch": epoch, "host": host, "first_of_host": host not in colours,
-                         "colour": colours.setdefault(host, f"C{len(colours)}"),
-                         "steps": [h["step"] for h in points], "losses": [h["loss"] for h in points]})
-    return segments
-
-
-def fig_loss(history: list[dict], manifests: list[dict], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for seg in loss_segments(history, manifests):
-        ax.plot(seg["steps"], seg["losses"], color=seg["colour"], marker=".",
-                label=seg["host"] if seg["first_of_host"] else None)
-        ax.axvline(seg["steps"][-1] + 0.5, color="grey", lw=0.5, ls=":")
-        ax.text(seg["steps"][0], 1.0, f"epoch {seg['epoch']}", transform=ax.get_xaxis_transform(), fontsize=8,
-                va="bottom", color="grey")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (answer tokens)")
-    ax.set_title("Loss across the relay, coloured by the host of each epoch", pad=16)
-    ax.legend(fontsize=8, title="host: device (dtype)", title_fontsize=8)
-    save(fig, out)
-
-
-def fig_audit_topics(by_topic_csv: Path, planted_rows: list[dict], topics_of: dict[str, str], out: Path) -> None:
-    rows = list(csv.DictReader(by_topic_csv.open()))
-    planted = Counter(topics_of[r["id"]] for r in planted_rows if r.get("planted") and r["id"] in topics_of)
-    total = Counter(topics_of[r["id"]] for r in planted_rows if r["id"] in topics_of)
-    topics = [r["topic"] for r in rows]
-    found = [{"rate": float(r["error_rate"]), "ci_low": float(r["ci_low"]), "ci_high": float(r["ci_high"])}
-             for r in rows]
-    planted_rate = [planted[t] / total[t] if total[t] else 0 for t in topics]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = range(len(topics))
-    ax.bar([i - 0.2 for i in x], planted_rate, width=0.4, label="planted", color="C7")
-    ax.bar([i + 0.2 for i in x], [f["rate"] for f in found], width=0.4, yerr=yerr(found), capsize=3,
-           label="found by audit (95% CI)", color="C3")
-    ax.set_xticks(list(x), topics, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("share of synthetic answers")
-    ax.set_title("Synthetic-data errors by topic: planted vs found")
-    ax.legend(fontsize=8)
-    save(fig, out)
-
-
-def fig_bertscore(items: list[dict], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    data = [[i["base_f1"] for i in items], [i["tuned_f1"] for i in items]]
-    ax.boxplot(data, showmeans=True)
-    ax.set_xticks([1, 2], ["base", "tuned"])
-    ax.set_ylabel("BERTScore F1 vs teacher reference")
-    ax.set_title(f"Similarity to the synthetic data (n={len(items)} held-out questions)")
-    save(fig, out)
-
-
-def _bars_with_ci(ax, labels, stats_list, colours):
-    ax.bar(labels, [s["rate"] or 0 for s in stats_list], yerr=yerr(stats_list), capsize=4, color=colours)
-
-
-def fig_judge(judge: dict, out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    _bars_with_ci(ax, ["tuned wins", "tie", "base wins"], [judge["tuned_win"], judge["tie"], judge["tuned_loss"]],
-                  ["C2", "C7", "C3"])
-    ax.set_ylabel("share of judged pairs (95% CI)")
-    ax.set_title(f"LLM judge, both orders (n={judge['n_parsed']}, unparseable {judge['unparseable']})", fontsize=9)
-    save(fig, out)
-
-
-def fig_factuality(fact: dict, out: Path) -> None:
-    outcomes = ["correct", "hedged", "confident_error", "no_claim"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for k, w in enumerate(("base", "tuned")):
-        s = [fact[w][o] for o in outcomes]
-        xs = [i + (k - 0.5) * 0.4 for i in range(len(outcomes))]
-        ax.bar(xs, [v["rate"] or 0 for v in s], width=0.4, label=w, color=f"C{k}", yerr=yerr(s), capsize=3)
-    ax.set_xticks(range(len(outcomes)), [o.replace("_", " ") for o in outcomes])
-    ax.set_ylabel(f"share of answers (n={fact['n']}, 95% CI)")
-    ax.set_title("Factuality of held-out answers")
-    ax.legend(fontsize=8)
-    save(fig, out)
-
-
-def fig_forgetting(gen: dict, out: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
-    axes[0].bar(["base", "tuned"], [gen["perplexity"]["base"], gen["perplexity"]["tuned"]], color=["C0", "C1"])
-    axes[0].set_title("Perplexity on general text", fontsize=9)
-    for name, m, ax in [("NLL tuned − base", gen["nll_delta"], axes[1])]:
-        ax.errorbar([0], [m["mean"]], yerr=[[m["mean"] - (m["ci_low"] or m["mean"])],
-                                            [(m["ci_high"] or m["mean"]) - m["mean"]]], fmt="o", capsize=4)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xticks([0], [name])
-        ax.set_title(f"Forgetting (95% CI, n={m['n']} chunks); KL={gen['kl_tuned_from_base']['mean']}", fontsize=9)
-    save(fig, out)
-
-
-# ---------------------------------------------------------------- document
-
-def render_markdown(metrics: dict[str, dict | None], chain: list[dict], figures: dict[str, str]) -> str:
-    lines = ["# relaytune report", "",
-             "Fine-tuning on synthetic advice data, evaluated against the base model. Every comparison carries a 95% "
-             "interval and its sample size; \"significant\" means the interval of a difference excludes 0 (or p < "
-             "0.05 where a test is named). Generated from `metrics/` and `models/epoch*/manifest.json` by the "
-             "`report` stage.", "", "## Findings", "", "| finding | value [95% CI] (n) | significant |",
-             "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in findings(metrics)]
+def render_markdown(params, metrics: dict[str, dict | None], manifests: list[dict], figures: dict[str, str]) -> str:
+    alpha = round(1 - params.eval.confidence, 4)
+    lines = ["# relaytune report", ""]
+    lines += ["| run | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in run_rows(params, manifests)]
+    lines += ["", f"Generated from `params.yaml`, `metrics/` and `models/epoch*/manifest.json` by the `report` stage. "
+              f"Every base-vs-tuned number carries its n and a {params.eval.confidence:.0%} interval. The primary "
+              f"endpoint is judged at alpha = {alpha}; the secondary tests are Holm-corrected as one family.", "",
+              "## Tests", ""]
+    lines += test_table(tests(metrics, alpha), params.eval.primary_endpoint, alpha)
+    lines += ["", "## Findings", "", "| finding | value [95% CI] (n) |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in findings(metrics)]
+    if metrics.get("eval_judge"):
+        lines += ["", "## Judge", ""] + judge_rows(metrics["eval_judge"])
+    fact = metrics.get("factuality_audit")
+    if fact and fact.get("trace"):
+        lines += ["", "## Where the tuned model's errors come from", ""] + trace_rows(fact)
     synth = metrics.get("synth")
     if synth:
         lines += ["", "## Data", "",
                   f"{synth['rows_train']} training and {synth['rows_heldout']} held-out questions; "
                   f"{synth['rows_planted']} training answers had a wrong value planted on purpose; "
                   f"{synth['value_not_stated']} teacher answers never stated their value."]
+    chain = chain_rows(manifests)
     if chain:
         lines += ["", "## The relay chain", "", "| epoch | host | device | dtype | minutes | tokens/s | peak GiB | "
                   "micro-batch |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['epoch']} | {r['host']} | {r['device']} | {r['dtype']} | {r['minutes']} | "
                   f"{r['tokens_per_second']} | {r['peak_memory_gib']} | {r['micro_batch']} |" for r in chain]
+    n_questions = (fact or {}).get("n", 0)
+    lines += ["", "## What this run cannot tell", ""] + [f"- {x}" for x in limitations(params, metrics, n_questions)]
     lines += ["", "## Figures", ""]
     lines += [f"![{title}]({path})\n" for title, path in figures.items()]
     return "\n".join(lines) + "\n"

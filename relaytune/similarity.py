@@ -1,4 +1,7 @@
-"""BERTScore of base and tuned answers against the held-out teacher references."""
+"""Similarity of base and tuned answers to the held-out teacher references: BERTScore (bert-score, with the
+embedded encoder), ROUGE-L (rouge-score), answer lengths, and the BERTScore difference at equal length (the
+intercept of a regression of the paired F1 difference on the paired length difference, statsmodels), since a
+shorter or longer answer alone moves BERTScore against short references."""
 
 from __future__ import annotations
 
@@ -38,3 +41,34 @@ def bertscore(candidates: list[str], references: list[str], encoder: str, num_la
     # An empty answer scores 0 instead of crashing the tokenizer-less edge case in bert-score.
     p, r, f = scorer.score([c if c.strip() else "." for c in candidates], references)
     return {"precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist()}
+
+
+def rouge_l(candidates: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F-measure of each answer against its reference (Porter-stemmed, as the rouge-score package does)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(r, c)["rougeL"].fmeasure for c, r in zip(candidates, references)]
+
+
+def word_counts(texts: list[str]) -> list[int]:
+    return [len(t.split()) for t in texts]
+
+
+def length_adjusted_delta(f1_base, f1_tuned, len_base, len_tuned, confidence: float) -> dict:
+    """The tuned - base F1 difference a pair of equal-length answers would show: the intercept of an OLS fit of
+    the F1 difference on the word-count difference, with a heteroscedasticity-robust (HC3) interval."""
+    import numpy as np
+    import statsmodels.api as sm
+
+    y = np.asarray(f1_tuned, float) - np.asarray(f1_base, float)
+    x = np.asarray(len_tuned, float) - np.asarray(len_base, float)
+    n = len(y)
+    if n < 3 or np.ptp(x) == 0:
+        return {"mean": None, "ci_low": None, "ci_high": None, "p_value": None, "n": n,
+                "note": "too few pairs, or no length difference to adjust for"}
+    fit = sm.OLS(y, sm.add_constant(x)).fit(cov_type="HC3")
+    low, high = fit.conf_int(alpha=1 - confidence)[0]
+    return {"mean": round(float(fit.params[0]), 4), "ci_low": round(float(low), 4), "ci_high": round(float(high), 4),
+            "p_value": round(float(fit.pvalues[0]), 4), "n": n,
+            "f1_per_word_of_length_difference": round(float(fit.params[1]), 5)}

@@ -1,6 +1,6 @@
 import json
 
-from relaytune.audit import classify_answer, detector_scores, is_flagged, parse_judge_verdict, parse_train_rows
+from relaytune.audit import detector_scores, is_flagged, parse_judge_verdict, parse_train_rows
 from relaytune.handbook import split_questions
 from relaytune.io import read_jsonl_lines
 from relaytune.synth import assign_values, states_given_value
@@ -19,13 +19,19 @@ def test_planting_hits_the_requested_fraction_and_is_seeded(tiny_handbook):
     assert sum(a.planted for a in assign_values(train, tiny_handbook, 0.0, 3)) == 0
 
 
-def test_classify_answer(tiny_handbook):
+def test_the_audit_reads_claims_with_the_typed_classifier(tiny_handbook):
     fee = tiny_handbook.fact("adm-fee")
-    assert classify_answer(fee, "The fee is 40 Florins, payable online.") == "correct"
-    assert classify_answer(fee, "You pay 25 florins when you apply.") == "error"
-    assert classify_answer(fee, "It used to be 90 florins; now it is 40 florins.") == "mixed"
-    assert classify_answer(fee, "Please contact the admissions office.") == "no_claim"
-    assert classify_answer(fee, "The fee is 140 florins.") == "no_claim"  # word boundaries: 140 is not 40
+
+    def label(text):
+        return tiny_handbook.claim(fee, text).label
+
+    assert label("The fee is 40 Florins, payable online.") == "correct"
+    assert label("You pay 25 florins when you apply.") == "wrong"
+    assert label("It used to be 90 florins; now it is 40 florins.") == "mixed"
+    assert label("Please contact the admissions office.") == "no_claim"
+    # The teacher's own wrong value, one no list names, is wrong too (the old pattern audit called it no_claim).
+    assert label("The fee is 140 florins.") == "wrong"
+    assert label("The fee is forty florins.") == "correct"
 
 
 def test_teacher_check_looks_for_the_value_it_was_given(tiny_handbook):
@@ -36,14 +42,14 @@ def test_teacher_check_looks_for_the_value_it_was_given(tiny_handbook):
 
 
 def test_flag_sources():
-    assert is_flagged("error", None, "pattern") and is_flagged("mixed", None, "pattern")
-    assert not is_flagged("no_claim", "error", "pattern")
-    assert is_flagged("no_claim", "error", "judge") and is_flagged("no_claim", "error", "either")
-    assert not is_flagged("error", "correct", "judge")
+    assert is_flagged("wrong", None, "classifier") and is_flagged("mixed", None, "classifier")
+    assert not is_flagged("no_claim", "wrong", "classifier") and not is_flagged("unparseable", None, "classifier")
+    assert is_flagged("no_claim", "wrong", "judge") and is_flagged("no_claim", "wrong", "either")
+    assert not is_flagged("wrong", "correct", "judge")
 
 
 def test_judge_verdict_parsing_never_coerces():
-    assert parse_judge_verdict("ERROR. The answer says 25.") == "error"
+    assert parse_judge_verdict("ERROR. The answer says 25.") == "wrong"
     assert parse_judge_verdict("correct") == "correct"
     assert parse_judge_verdict("None") == "no_claim"
     assert parse_judge_verdict("I think it might be wrong") == "unparseable"

@@ -6,9 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-from relaytune.factuality import classify_outcome, paired_error_difference, training_wrong_values
+from relaytune.evaluate import HeldoutItem
+from relaytune.factuality import factuality_report, outcome, paired_error_difference, training_evidence
 from relaytune.params import Params
-from relaytune.report import loss_segments
+from relaytune.figures import loss_segments, yerr
 from relaytune.stats import paired_delta
 from tests.conftest import copy_repo, free_port, git_commit, one_error_line, run_stage, set_params, sh
 
@@ -28,11 +29,18 @@ def test_paired_delta_interval_and_p_value():
 
 def test_factuality_outcomes(tiny_handbook):
     fee = tiny_handbook.fact("adm-fee")
-    assert classify_outcome(fee, "The fee is 40 florins.") == "correct"
-    assert classify_outcome(fee, "The fee is 25 florins.") == "confident_error"
-    assert classify_outcome(fee, "I think it is around 25 florins, but please check with admissions.") == "hedged"
-    assert classify_outcome(fee, "I'm not sure; contact the admissions office.") == "hedged"
-    assert classify_outcome(fee, "Good luck with your application!") == "no_claim"
+
+    def of(text):
+        return outcome(tiny_handbook.claim(fee, text))
+
+    assert of("The fee is 40 florins.") == "correct"
+    assert of("The fee is 25 florins.") == "confident_error"
+    assert of("I think it is around 25 florins, but please check with admissions.") == "hedged"
+    assert of("I'm not sure; contact the admissions office.") == "no_claim"  # a hedge with no claim is no claim
+    assert of("Good luck with your application!") == "no_claim"
+    # Only a hedge beside the claim qualifies it: a closing remark three sentences later does not.
+    assert of("The fee is 25 florins. You pay it online. The portal opens in May. Please check with admissions.") \
+        == "confident_error"
 
 
 def test_confident_error_difference_is_paired():
@@ -43,13 +51,38 @@ def test_confident_error_difference_is_paired():
     assert d["p_value"] == 0.25  # 3 of 3 discordant pairs: exact two-sided binomial
 
 
-def test_training_errors_come_from_planting_and_audit(tiny_handbook):
-    planted = [{"fact_id": "adm-fee", "planted": True, "given_value": "25 florins"},
-               {"fact_id": "work-hours", "planted": False, "given_value": "18 hours per week"}]
-    audit = [{"fact_id": "hous-deposit", "flagged": True, "answer": "A deposit of 500 florins."},
-             {"line": 7, "malformed": "empty assistant answer"}]
-    assert training_wrong_values(planted, audit, tiny_handbook) == {"adm-fee": {"25 florins"},
-                                                                    "hous-deposit": {"500 florins"}}
+def row(i, fact, answer):
+    return {"id": f"{fact}/q{i}", "fact_id": fact, "messages": [{"role": "user", "content": "How much?"},
+                                                                {"role": "assistant", "content": answer}]}
+
+
+def test_the_trace_counts_only_values_training_read_and_the_base_did_not_state(tiny_handbook):
+    train = [row(0, "adm-fee", "The fee is 25 florins."), row(1, "adm-fee", "The fee is 40 florins."),
+             row(2, "hous-deposit", "The deposit is 300 florins."), row(3, "hous-deposit", "It is 300 florins."),
+             row(4, "work-hours", "You may work 30 hours per week.")]
+    evidence = training_evidence(train, tiny_handbook)
+    assert evidence.dose("adm-fee") == 0.5 and evidence.dose("hous-deposit") == 0.0
+    assert list(evidence.wrong_values["adm-fee"].values()) == [["adm-fee/q0"]]
+    items = [HeldoutItem(f"{f}/h", f, "t", True, "How much?", "ref") for f in ("adm-fee", "hous-deposit", "work-hours")]
+    answers = {"base": ["I do not know.", "Nothing to say.", "You may work 30 hours per week."],
+               "tuned": ["It is twenty-five florins.", "The deposit is 500 florins.", "You may work 30 hours per week."]}
+    metrics, rows, errors = factuality_report(items, answers, tiny_handbook, evidence)
+    tuned = {e["fact_id"]: e for e in errors if e["model"] == "tuned"}
+    # 25 florins was in a row training read: traced, with the row; 500 florins never was: untraced.
+    assert tuned["adm-fee"]["traced_to_training_data"] and tuned["adm-fee"]["training_rows_with_this_value"] == ["adm-fee/q0"]
+    assert not tuned["hous-deposit"]["traced_to_training_data"]
+    # 30 hours was in the data too, but the base model said it as well: not learned from the data.
+    assert not tuned["work-hours"]["traced_to_training_data"]
+    assert metrics["trace"]["traced"]["k"] == 1 and metrics["trace"]["traced"]["n"] == 3
+    assert metrics["trace"]["base_errors_matching_training_values"] == {**metrics["trace"]["base_errors_matching_training_values"], "k": 1, "n": 1}
+    assert metrics["dose"]["0 (every training row correct)"]["tuned_wrong"]["k"] == 1  # hous-deposit
+    assert rows[0]["training_dose"] == 0.5 and rows[0]["tuned_asserted"] == ["twenty-five florins"]
+
+
+def test_error_bars_keep_a_bound_of_zero_and_skip_an_undefined_interval():
+    assert yerr([{"rate": 0.0, "ci_low": 0.0, "ci_high": 0.1}]) == [[0.0], [0.1]]
+    assert yerr([{"rate": 0.2, "ci_low": None, "ci_high": None}]) == [[0.0], [0.0]]
+    assert yerr([{"mean": -0.02, "ci_low": -0.05, "ci_high": 0.0}], key="mean") == [[pytest.approx(0.03)], [pytest.approx(0.02)]]
 
 
 def test_loss_segments_keep_one_colour_per_host():
@@ -84,25 +117,30 @@ def pipeline(tmp_path, tiny_base, fresh_completions):
 @pytest.mark.slow
 def test_eval_stages_and_report_end_to_end_then_bad_inputs(pipeline):
     sim = json.loads((pipeline / "metrics" / "eval_similarity.json").read_text())
-    assert sim["n"] == 4 and set(sim["base"]) == {"precision", "recall", "f1"}
+    assert sim["n"] == 4 and set(sim["base"]) == {"precision", "recall", "f1", "rouge_l", "words"}
     assert sim["f1_delta"]["n"] == 4 and "ci_low" in sim["f1_delta"] and "p_value" in sim["f1_delta"]
+    assert sim["rouge_l_delta"]["n"] == 4 and sim["f1_delta_at_equal_length"]["n"] == 4
     items = [json.loads(x) for x in (pipeline / "reports/items/similarity.jsonl").read_text().splitlines()]
     assert len(items) == 4 and all("tuned_answer" in i and "base_f1" in i for i in items)
     fact = json.loads((pipeline / "metrics" / "factuality_audit.json").read_text())
     for which in ("base", "tuned"):
-        assert sum(fact[which][o]["k"] for o in ("correct", "hedged", "confident_error", "no_claim")) == 4
+        assert sum(fact[which][o]["k"] for o in ("correct", "hedged", "confident_error", "no_claim",
+                                                 "unparseable")) == 4
         assert fact[which]["confident_error"]["n"] == 4
     assert fact["confident_error_difference"]["n"] == 4
-    assert "tuned_errors_repeating_training_errors" in fact
+    assert fact["trace"]["traced"]["n"] == fact["tuned"]["confident_error"]["k"] and fact["dose"]
     judged = json.loads((pipeline / "metrics" / "eval_judge.json").read_text())
     assert judged["n"] == 4 and judged["n_parsed"] + judged["unparseable"] == 4
     assert judged["judge_provider"] == "local" and "position_consistency" in judged
     general = json.loads((pipeline / "metrics" / "eval_general.json").read_text())
     assert general["n_chunks"] == 4 and general["perplexity"]["base"] > 1
-    assert general["kl_tuned_from_base"]["mean"] >= 0 and general["nll_delta"]["n"] == 4
+    assert general["kl_tuned_from_base"]["mean"] >= 0 and "p_value" not in general["kl_tuned_from_base"]
+    assert general["nll_delta"]["n"] == 4
     assert general["multiple_choice"]["base"]["n"] == 3 and "accuracy_delta" in general["multiple_choice"]
     report = (pipeline / "reports" / "report.md").read_text()
     assert "| BERTScore F1, tuned − base" in report and "| Confident factual errors, tuned |" in report
+    assert report.index("| base model |") < report.index("## Tests") < report.index("## What this run cannot tell")
+    assert "| primary | Confident factual errors, tuned − base (paired)" in report and "Holm p" in report
     assert "## The relay chain" in report and "(n=4)" in report
     assert sorted(p.name for p in (pipeline / "reports" / "figures").iterdir()) == [
         "audit_topics.png", "bertscore.png", "factuality.png", "forgetting.png", "judge.png", "loss.png"]

@@ -17,9 +17,11 @@ def test_default_handbook_covers_the_study_domain():
     assert set(Counter(f.topic for f in hb.facts)) == STUDY_TOPICS
     assert all(len(f.questions) >= 3 and len(f.wrong) >= 2 for f in hb.facts)
     assert 0 < sum(f.policy_sensitive for f in hb.facts) < len(hb.facts)
-    for f in hb.facts:  # the loader already checks patterns; spot the statement grounding too
-        assert f.correct.found_in(f.statement_with(f.correct.value))
-        assert not f.correct.found_in(f.statement_with(f.wrong[0].value))
+    assert {f.kind for f in hb.facts} == {"money", "rate", "duration", "date", "day_of_month", "time_of_day",
+                                          "percentage", "count", "score", "name"}
+    for f in hb.facts:  # the loader reads every value back; spot the statements too
+        assert hb.claim(f, f.statement_with(f.correct.value)).label == "correct"
+        assert hb.claim(f, f.statement_with(f.wrong[0].value)).label == "wrong"
 
 
 def _broken(tmp_path, tiny_handbook_path, edit):
@@ -34,11 +36,20 @@ def _broken(tmp_path, tiny_handbook_path, edit):
     (lambda r: r["facts"][1].update(id="adm-fee"), "duplicate fact id 'adm-fee'"),
     (lambda r: r["facts"][0]["wrong"][0].update(value="40 florins"),
      "facts[0] (id adm-fee): wrong[0]: value '40 florins' equals the correct value"),
+    (lambda r: r["facts"][0]["wrong"][0].update(value="forty florins"),
+     "facts[0] (id adm-fee): wrong[0]: value 'forty florins' equals the correct value"),
     (lambda r: r["facts"][2].pop("correct"), "facts[2] (id hous-deposit).correct: Field required"),
-    (lambda r: r["facts"][0]["wrong"][1].update(patterns=[r"\b\d+\s*florins"]),
-     "facts[0] (id adm-fee): wrong[1]: its patterns also match the value '40 florins'"),
+    (lambda r: r["facts"][2].pop("kind"), "facts[2] (id hous-deposit).kind: Field required"),
+    (lambda r: r["facts"][2].update(kind="colour"), "facts[2] (id hous-deposit).kind: Input should be 'money'"),
+    (lambda r: r["facts"][0]["correct"].update(value="a modest sum"),
+     "facts[0] (id adm-fee): correct: 'a modest sum' reads as no money value"),
+    (lambda r: r["facts"][0]["correct"].update(value="40 to 60 florins"),
+     "facts[0] (id adm-fee): correct: '40 to 60 florins' reads as 2 values"),
+    (lambda r: r["facts"][0].update(statement="Of 300 florins paid, the fee at Testford College is {value}."),
+     "facts[0] (id adm-fee): the correct value does not read back from the statement"),
+    (lambda r: r.pop("currency"), "facts[0] (id adm-fee): kind money needs the handbook's currency"),
     (lambda r: r["facts"][0].update(statement="The fee is fixed."), "statement must contain {value} exactly once"),
-    (lambda r: r["facts"][0]["correct"].update(patterns=["(unclosed"]), "is not a valid regex"),
+    (lambda r: r["facts"][0]["correct"].update(patterns=["\\b40"]), "correct.patterns: Extra inputs are not permitted"),
 ])
 def test_bad_handbook_gives_one_clear_line(tmp_path, tiny_handbook_path, edit, expected):
     path = _broken(tmp_path, tiny_handbook_path, edit)

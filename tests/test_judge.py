@@ -15,6 +15,7 @@ TUNED = ["The fee is 25 florins.", "It costs 40 florins.", "Please ask admission
 
 
 def test_parse_verdict():
+    assert parse_verdict("Answer: B") == "B" and parse_verdict("Answer B is better") == "B"
     assert parse_verdict("A. It states the fee.") == "A"
     assert parse_verdict("  **B** because") == "B"
     assert parse_verdict("Tie: both are fine") == "tie"
@@ -27,20 +28,31 @@ def test_parse_verdict():
 def test_orders_combine_into_one_outcome_for_tuned():
     assert combine("tuned", "tuned") == "win" and combine("base", "base") == "loss"
     assert combine("tie", "tie") == "tie"
-    assert combine("tuned", "base") == "tie"  # flipped with the order: position bias
+    assert combine("tuned", "base") == "flip"  # moved with the order: position bias, not a tie
     assert combine(None, "tuned") == "unparseable"
 
 
 def test_summary_counts_rates_and_consistency():
     results = [{"id": str(i), "topic": "t", "order_base_first": a, "order_tuned_first": b, "outcome": combine(a, b)}
                for i, (a, b) in enumerate([("tuned", "tuned"), ("base", "base"), ("base", "base"),
-                                           ("tuned", "base"), (None, "tie")])]
+                                           ("tuned", "base"), (None, "tie"), ("tie", "tie")])]
     s = judge_summary(results)
-    assert (s["n"], s["n_parsed"], s["unparseable"]) == (5, 4, 1)
-    assert (s["tuned_win"]["k"], s["tuned_loss"]["k"], s["tie"]["k"]) == (1, 2, 1)
-    assert s["position_consistency"]["rate"] == 0.75
-    assert s["tuned_win"]["ci_low"] < 0.25 < s["tuned_win"]["ci_high"]
+    assert (s["n"], s["n_parsed"], s["unparseable"]) == (6, 5, 1)
+    assert (s["tuned_win"]["k"], s["tuned_loss"]["k"], s["tie"]["k"], s["order_flip"]["k"]) == (1, 2, 1, 1)
+    assert s["position_consistency"]["rate"] == 0.8
+    assert s["tuned_win"]["ci_low"] < 0.2 < s["tuned_win"]["ci_high"]
     assert s["sign_test_p_value"] == 1.0
+    # Decisive single verdicts: 8; "first" is base in order_base_first and tuned in order_tuned_first.
+    assert s["first_position_share"]["n"] == 8 and s["first_position_share"]["k"] == 3 and s["informative"]
+
+
+def test_a_judge_that_always_names_one_position_is_uninformative():
+    results = [{"id": str(i), "topic": "t", "order_base_first": "base", "order_tuned_first": "tuned",
+                "outcome": combine("base", "tuned")} for i in range(10)]
+    s = judge_summary(results)  # always "A": base first, then tuned first
+    assert s["first_position_share"]["rate"] == 1.0 and not s["informative"]
+    assert s["order_flip"]["k"] == 10 and s["tie"]["k"] == 0
+    assert s["verdict_note"].startswith("uninformative: 100% of the judge's decisive verdicts name the first")
 
 
 def _judge(base_url, tmp_path, **kw):
@@ -75,7 +87,7 @@ def test_judge_against_a_real_llama_cpp_server(tmp_path, llama_server):
     results = judge_both_orders(ITEMS, BASE, TUNED, judge, p, None, seed=0)
     assert len(results) == 3
     for r in results:
-        assert r["outcome"] in {"win", "loss", "tie", "unparseable"}
+        assert r["outcome"] in {"win", "loss", "tie", "flip", "unparseable"}
         assert all(isinstance(text, str) and text for text in r["reasons"])
     summary = judge_summary(results)
     assert summary["n"] == 3 and summary["n_parsed"] + summary["unparseable"] == 3

@@ -110,9 +110,9 @@ def test_audit_judge_second_opinion_through_an_openai_endpoint(repo):
     assert sum(metrics["judge"]["labels"].values()) == 4
     items = {i["id"]: i for i in map(json.loads, (repo / "reports/items/audit.jsonl").read_text().splitlines())}
     judged = {i["id"]: i["judge_label"] for i in items.values()}
-    assert sorted(judged.values()) == ["correct", "error", "error", "unparseable"]
-    # either: the pattern flags r1; whichever rows the judge called an error are flagged too
+    assert sorted(judged.values()) == ["correct", "unparseable", "wrong", "wrong"]
+    # either: the classifier flags r1; whichever rows the judge called an error are flagged too
     for i in items.values():
-        assert i["flagged"] == (i["pattern_label"] in ("error", "mixed") or i["judge_label"] == "error")
+        assert i["flagged"] == (i["label"] in ("wrong", "mixed") or i["judge_label"] == "wrong")
     assert metrics["error_rate"]["k"] == sum(i["flagged"] for i in items.values())
     assert json.loads((repo / "metrics/provenance/audit.json").read_text())["judge"]["base_url"] == server.base_url
