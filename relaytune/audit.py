@@ -13,6 +13,7 @@ from .generation import Decoding, Messages, TextGenerator
 from .claims import Claim
 from .handbook import Fact, Handbook
 from .params import AuditParams
+from .rows import chat_row_problem
 from .stats import proportion
 
 # Labels of relaytune/claims.py: correct, wrong (asserts another value), mixed (both: contradictory advice),
@@ -47,27 +48,22 @@ def parse_train_rows(lines: list[tuple[int, dict | None, str | None]], handbook:
             malformed.append(MalformedRow(lineno, problem))
             continue
         user = next(m["content"] for m in obj["messages"] if m.get("role") == "user")
-        answer = next(m["content"] for m in obj["messages"] if m.get("role") == "assistant")
+        answer = obj["messages"][-1]["content"]
         fact = handbook.fact(obj["fact_id"])
         rows.append(AuditRow(lineno, obj["id"], fact.id, fact.topic, user, answer, obj))
     return rows, malformed
 
 
 def _row_problem(obj: dict, handbook: Handbook) -> str | None:
+    """Training's own row rule first (relaytune/rows.py), then the audit's: a fact the handbook knows."""
     for key in ("id", "fact_id", "messages"):
         if key not in obj:
             return f"missing field '{key}'"
+    problem = chat_row_problem(obj)
+    if problem:
+        return problem
     if obj["fact_id"] not in handbook.by_id:
         return f"fact_id {obj['fact_id']!r} is not in the handbook"
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        return "messages is not a list of {role, content} objects"
-    roles = [m.get("role") for m in messages]
-    if "user" not in roles or "assistant" not in roles:
-        return "messages needs a user and an assistant message"
-    answer = next(m.get("content") for m in messages if m.get("role") == "assistant")
-    if not isinstance(answer, str) or not answer.strip():
-        return "empty assistant answer"
     return None
 
 

@@ -45,7 +45,7 @@ def load_heldout(path: str | Path) -> list[HeldoutItem]:
 class Answers:
     which: str  # base | tuned
     completions: list[Completion]
-    model_info: dict  # base-model hash, adapter and its hash, dtype: for provenance
+    model_info: dict  # base-model hash, adapter and its hash, dtype, what answered in this run: for provenance
 
     @property
     def texts(self) -> list[str]:
@@ -67,7 +67,7 @@ def generate_answers(items: list[HeldoutItem], params: Params, which: str) -> An
                                adapter=adapter)
     requests = [[{"role": "user", "content": item.question}] for item in items]
     completions = generator.generate(requests, Decoding(params.eval.max_new_tokens), desc=f"answers ({which})")
-    return Answers(which, completions, generator.model_info)
+    return Answers(which, completions, generator.provenance())
 
 
 def eval_provenance(stage: str, params: Params, answers: dict[str, Answers], extra: dict | None = None) -> dict:

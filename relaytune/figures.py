@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .io import read_text  # noqa: E402
+
 
 def save(fig, out: Path) -> None:
     fig.tight_layout()
@@ -62,7 +64,7 @@ def fig_loss(history: list[dict], manifests: list[dict], out: Path) -> None:
 
 
 def fig_audit_topics(by_topic_csv: Path, planted_rows: list[dict], topics_of: dict[str, str], out: Path) -> None:
-    rows = list(csv.DictReader(by_topic_csv.open()))
+    rows = list(csv.DictReader(read_text(by_topic_csv).splitlines()))
     planted = Counter(topics_of[r["id"]] for r in planted_rows if r.get("planted") and r["id"] in topics_of)
     total = Counter(topics_of[r["id"]] for r in planted_rows if r["id"] in topics_of)
     topics = [r["topic"] for r in rows]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .errors import RelaytuneError
+from .io import read_text
 from .models import load_for_inference
 
 
@@ -21,10 +22,9 @@ def general_text(path: str | None) -> str:
         from pydoc_data.topics import topics
 
         return "\n\n".join(topics[k] for k in sorted(topics))
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise RelaytuneError(f"eval.general_text: {path} does not exist")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    text = read_text(path)
     if not text.strip():
         raise RelaytuneError(f"eval.general_text: {path} is empty")
     return text
@@ -69,7 +69,7 @@ def load_mc_task(path: str) -> list[dict]:
     if not p.is_file():
         raise RelaytuneError(f"eval.mc_task: {path} does not exist")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -71,6 +71,14 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {**asdict(self), "tokens_per_second": self.tokens_per_second}
 
+    def provenance(self, provider: str) -> dict:
+        """What answered in this run: how many completions came from the cache and how many from the model or
+        endpoint, and whether the endpoint was reached at all (a run served wholly from the cache never asks it)."""
+        sent = self.requests - self.cache_hits
+        return {"requests": self.requests, "served_from_cache": self.cache_hits, "generated_this_run": sent,
+                ("endpoint_reached" if provider == "openai" else "model_loaded"): sent > 0,
+                "statuses": dict(sorted(self.statuses.items()))}
+
 
 class Backend(Protocol):
     provider: str
@@ -90,6 +98,8 @@ class GenerationCache:
         fields = asdict(decoding)
         if decoding.temperature == 0:  # greedy output does not depend on the seed: a new seed reuses it
             fields.pop("seed")
+        elif provider == "local":  # how a local sample is drawn shapes it too: no sample of another sampler is reused
+            fields["sampler"] = LOCAL_SAMPLER
         blob = json.dumps({"provider": provider, "model": model_id, "messages": messages, "decoding": fields},
                           sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -121,6 +131,10 @@ class TextGenerator:
         self.cache = cache
         self.batch_size = batch_size
         self.stats = GenerationStats()
+
+    def provenance(self) -> dict:
+        """The model's identity and what answered in this run (cache or model/endpoint)."""
+        return {**self.model_info, "this_run": self.stats.provenance(self.provider)}
 
     @property
     def backend(self) -> Backend:
@@ -177,13 +191,15 @@ class LocalBackend:
 
         prompts = self.tokenizer.apply_chat_template(batch, add_generation_prompt=True, tokenize=False)
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        sample = decoding.temperature > 0
-        kwargs = dict(max_new_tokens=decoding.max_new_tokens, do_sample=sample, pad_token_id=self.tokenizer.pad_token_id)
-        if sample:
-            torch.manual_seed(decoding.seed)
-            kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
-        else:  # the model's generation_config may ask for sampling; greedy must mean greedy
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+        # Always a greedy search: sampling is greedy over Gumbel-perturbed scores (below), so that the model's
+        # generation_config cannot switch sampling on, and a sampled row does not depend on its batch.
+        kwargs = dict(max_new_tokens=decoding.max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                      top_k=None, pad_token_id=self.tokenizer.pad_token_id)
+        if decoding.temperature > 0:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([
+                RowSeededSampling([row_seed(m, decoding.seed) for m in batch], decoding.temperature, decoding.top_p)])
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         new_tokens = out[:, enc["input_ids"].shape[1]:]
@@ -206,6 +222,38 @@ class LocalBackend:
         ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         ids.add(self.tokenizer.eos_token_id)
         return ids
+
+
+LOCAL_SAMPLER = "row-seeded gumbel-max"  # RowSeededSampling; part of the cache key of every local sample
+
+
+def row_seed(messages: Messages, seed: int) -> int:
+    """A sampled row's own seed: from its request and the decoding seed, never from its place in a batch."""
+    blob = json.dumps({"messages": messages, "seed": seed}, sort_keys=True, ensure_ascii=False)
+    return int(hashlib.sha256(blob.encode()).hexdigest()[:15], 16)  # 60 bits: a torch seed
+
+
+class RowSeededSampling:
+    """Sampling at `temperature` within the `top_p` nucleus by the Gumbel-max trick: the argmax of the scaled,
+    filtered scores plus Gumbel noise is a draw from their softmax. Each row draws its noise from its own generator
+    (seeded by `row_seed`, one draw per step), so a row's sample is the same whatever else shares its batch; torch's
+    single generator, as in generate(do_sample=True), hands each row the numbers the rows before it left."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        import torch
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # one stream per row, step by step
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        noise = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float64)
+                             for g in self.generators]).clamp_(1e-12, 1 - 1e-12)
+        return scores + (-torch.log(-torch.log(noise))).to(scores.dtype).to(scores.device)
 
 
 class OpenAIBackend:

@@ -93,15 +93,29 @@ def replace_folder(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_yaml(path: str | Path, missing: str = "file not found") -> Any:
-    """A YAML file's content; a missing file or a syntax error is one line naming the file (and line)."""
-    import yaml
-
+def read_text(path: str | Path, missing: str = "file not found") -> str:
+    """A text file's content, decoded as UTF-8 strictly: a file in another encoding is one line naming the file,
+    the line and the byte offset of the first byte that is not UTF-8."""
     path = Path(path)
     if not path.exists():
         raise RelaytuneError(f"{path}: {missing}")
+    data = path.read_bytes()
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RelaytuneError(f"{path}:{line}: not UTF-8 (byte {e.start} is 0x{data[e.start]:02x}); save the file as "
+                             "UTF-8") from None
+
+
+def read_yaml(path: str | Path, missing: str = "file not found") -> Any:
+    """A YAML file's content; a missing file, another encoding or a syntax error is one line naming the file (and
+    line)."""
+    import yaml
+
+    text = read_text(path, missing)
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -109,34 +123,28 @@ def read_yaml(path: str | Path, missing: str = "file not found") -> Any:
 
 
 def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise RelaytuneError(f"{path}: file not found")
+    text = read_text(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise RelaytuneError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
 def read_jsonl_lines(path: str | Path) -> list[tuple[int, dict | None, str | None]]:
     """Each non-blank line as (line_number, object or None, problem or None); never raises on a bad line."""
-    path = Path(path)
-    if not path.exists():
-        raise RelaytuneError(f"{path}: file not found")
     out: list[tuple[int, dict | None, str | None]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                out.append((lineno, None, f"invalid JSON ({e.msg})"))
-                continue
-            if not isinstance(obj, dict):
-                out.append((lineno, None, "not a JSON object"))
-                continue
-            out.append((lineno, obj, None))
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            out.append((lineno, None, f"invalid JSON ({e.msg})"))
+            continue
+        if not isinstance(obj, dict):
+            out.append((lineno, None, "not a JSON object"))
+            continue
+        out.append((lineno, obj, None))
     return out
 
 

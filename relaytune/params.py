@@ -10,10 +10,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RelaytuneError
 from .io import read_yaml
+from .paths import PARAMS
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A validation message that starts with this never shows the value it refused (it may be a secret).
+SECRET_MARK = "\x00secret\x00"
+
+
+def looks_like_a_key(value: str) -> bool:
+    """A long token mixing letters and digits, or a known key prefix ("sk-", "AIza"): not a variable name."""
+    return bool(re.match(r"^(?:sk-|AIza|hf_|gsk_|xai-)", value)) or (
+        len(value) >= 20 and bool(re.search(r"\d", value)) and bool(re.search(r"[a-z]", value)))
 
 
 class StrictModel(BaseModel):
@@ -51,8 +60,12 @@ class ProviderParams(StrictModel):
     @field_validator("api_key_env")
     @classmethod
     def _is_a_variable_name(cls, v: str | None) -> str | None:
-        if v is not None and not ENV_VAR_NAME.match(v):
-            raise ValueError("must be the NAME of an environment variable holding the key (e.g. OPENAI_API_KEY), never the key")
+        if v is not None and (not ENV_VAR_NAME.match(v) or looks_like_a_key(v)):
+            raise ValueError(SECRET_MARK + ("this looks like a key itself, not the name of a variable: remove it from "
+                                            "params.yaml (and rotate it), then name the variable that holds it, e.g. "
+                                            "OPENAI_API_KEY" if looks_like_a_key(v) else
+                                            "must be the NAME of an environment variable holding the key (e.g. "
+                                            "OPENAI_API_KEY), never the key"))
         return v
 
     @model_validator(mode="after")
@@ -189,6 +202,13 @@ class Params(StrictModel):
     eval: EvalParams = EvalParams()
     judge: JudgeParams = JudgeParams(max_new_tokens=64)
 
+    @model_validator(mode="after")
+    def _epochs_exist(self):
+        if self.eval.adapter_epoch > self.train.epochs:
+            raise ValueError(f"eval.adapter_epoch {self.eval.adapter_epoch} is past train.epochs "
+                             f"{self.train.epochs}: models/epoch{self.eval.adapter_epoch} is never trained")
+        return self
+
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the sub-model that `loc` (minus its last part) points into."""
@@ -210,15 +230,16 @@ def describe_validation_error(err: ValidationError, source: str, schema: type[Ba
     parts = []
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
-        key = ".".join(str(x) for x in loc) or "(top level)"
+        key = ".".join(str(x) for x in loc)
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(schema or Params, loc)
-            parts.append(f"{key}: unknown key (allowed: {', '.join(allowed)})")
+            parts.append(f"{key or '(top level)'}: unknown key (allowed: {', '.join(allowed)})")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
-            shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
-            parts.append(f"{key}: {msg}{shown}")
+            secret = msg.startswith(SECRET_MARK)
+            shown = "" if secret or isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+            parts.append(f"{key + ': ' if key else ''}{msg.removeprefix(SECRET_MARK)}{shown}")
     return f"{source}: " + "; ".join(parts)
 
 
@@ -229,7 +250,7 @@ def parse_params(raw: dict | None, source: str = "params.yaml") -> Params:
         raise RelaytuneError(describe_validation_error(err, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = PARAMS) -> Params:
     raw = read_yaml(path, missing="file not found (run stages from the repository root)")
     if raw is not None and not isinstance(raw, dict):
         raise RelaytuneError(f"{path}: top level must be a mapping of sections")
@@ -246,3 +267,14 @@ def select_params(params: Params, keys: list[str]) -> dict:
             value = value[part]
         out[key] = value
     return out
+
+
+def check_named_files(params: Params) -> None:
+    """The files the params name exist: the handbook, the general text, the multiple-choice task, a local encoder."""
+    named = {"synth.handbook": params.synth.handbook, "eval.general_text": params.eval.general_text,
+             "eval.mc_task": params.eval.mc_task}
+    if params.eval.encoder.startswith((".", "/", "~")):
+        named["eval.encoder"] = params.eval.encoder
+    for key, value in named.items():
+        if value is not None and not Path(value).expanduser().exists():
+            raise RelaytuneError(f"params.yaml: {key}: {value} does not exist")

@@ -7,9 +7,18 @@ agree and that no other file of the project spells one out. (The handbook is not
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import RelaytuneError
-from .params import Params
+
+if TYPE_CHECKING:
+    from .params import Params
+
+PARAMS = Path("params.yaml")  # every knob; validated as a whole by stage validate, read by every stage
+
+# validate: written only when params.yaml, the handbook and the files the params name are valid; its content never
+# changes, so depending on it reruns nothing, while a bad input stops `dvc repro` before any other stage starts.
+VALIDATED = Path("data/validated.json")
 
 # synth
 SYNTH_TRAIN = Path("data/synth/train.jsonl")  # chat rows with ids, some with a planted wrong value
@@ -68,7 +77,7 @@ def provenance_file(stage: str) -> Path:
     return Path(f"metrics/provenance/{stage}.json")
 
 
-def adapter_dir(params: Params) -> Path:
+def adapter_dir(params: "Params") -> Path:
     """The relay folder whose adapter the evaluation stages call "tuned" (eval.adapter_epoch), checked to exist."""
     epoch = params.eval.adapter_epoch
     if params.train.method == "full":

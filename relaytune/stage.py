@@ -1,4 +1,5 @@
-"""Entry point shared by every stage script: offline by default, one clear line on a user error."""
+"""Entry point shared by every stage script: offline by default, one clear line on a user error, on SIGTERM and on
+Ctrl-C (exit 2, 143 and 130), with every temp file removed on the way out."""
 
 from __future__ import annotations
 
@@ -36,8 +37,18 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except RelaytuneError as e:
-        print(f"relaytune: error: {prefix}{e}", file=sys.stderr)
+        say(f"relaytune: error: {prefix}{e}")
         sys.exit(2)
     except Stopped as e:
-        print(f"relaytune: {prefix}stopped by {e}; outputs already written are untouched", file=sys.stderr)
+        say(f"relaytune: {prefix}stopped by {e}; outputs already written are untouched")
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # Ctrl-C: the same unwinding as SIGTERM (temp files removed, completions cached)
+        say(f"relaytune: {prefix}stopped by Ctrl-C (SIGINT); outputs already written are untouched")
+        sys.exit(128 + signal.SIGINT)
+
+
+def say(line: str) -> None:
+    """One line on stderr, on a line of its own even when a progress bar was drawing there."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)

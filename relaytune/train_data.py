@@ -14,6 +14,7 @@ import torch
 
 from .errors import RelaytuneError
 from .io import read_jsonl_lines
+from .rows import chat_row_problem
 
 IGNORE_INDEX = -100
 
@@ -30,13 +31,7 @@ def load_training_rows(path: str | Path) -> list[tuple[int, dict]]:
     """The audit stage's output: every line must be a chat row with a user and an assistant message."""
     rows = []
     for lineno, obj, problem in read_jsonl_lines(path):
-        if problem is None:
-            messages = obj.get("messages")
-            if not isinstance(obj.get("id"), str):
-                problem = "missing field 'id'"
-            elif not (isinstance(messages, list) and len(messages) >= 2 and all(isinstance(m, dict) for m in messages)
-                      and messages[-1].get("role") == "assistant" and str(messages[-1].get("content", "")).strip()):
-                problem = "messages must end with a non-empty assistant answer"
+        problem = problem or chat_row_problem(obj)
         if problem:
             raise RelaytuneError(f"{path}:{lineno}: {problem}")
         rows.append((lineno, obj))

@@ -31,7 +31,7 @@ def main() -> None:
     atomic_write_jsonl(paths.AUDIT_ITEMS, result.items)
     atomic_write_json(paths.metrics_file("audit"), result.summary)
     atomic_write_csv(paths.AUDIT_BY_TOPIC, by_topic_table(result.summary))
-    judge_info = judge.model_info if judge else None
+    judge_info = judge.provenance() if judge else None
     atomic_write_json(paths.provenance_file("audit"), provenance(
         stage="audit", seed=params.seed, base_model_hash=judge_info and judge_info["content_hash"],
         dtype=judge_info and judge_info["dtype"], extra={"judge": judge_info},

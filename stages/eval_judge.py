@@ -24,7 +24,7 @@ def main() -> None:
                                 "reference_guided": params.judge.reference_guided})
     atomic_write_jsonl(paths.JUDGE_ITEMS, results)
     atomic_write_json(paths.provenance_file("eval_judge"),
-                      eval_provenance("eval_judge", params, answers, {"judge": judge.model_info}))
+                      eval_provenance("eval_judge", params, answers, {"judge": judge.provenance()}))
 
 
 if __name__ == "__main__":

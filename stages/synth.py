@@ -43,7 +43,7 @@ def main() -> None:
     })
     atomic_write_json(paths.provenance_file("synth"), provenance(
         stage="synth", seed=params.seed, base_model_hash=teacher.model_info["content_hash"],
-        dtype=teacher.model_info["dtype"], extra={"teacher": teacher.model_info},
+        dtype=teacher.model_info["dtype"], extra={"teacher": teacher.provenance()},
     ))
 
 

@@ -3,15 +3,16 @@
 import argparse
 import contextlib
 import time
+from pathlib import Path
 
 from relaytune import paths
 from relaytune.distributed import launch, processes_to_launch_here
 from relaytune.errors import RelaytuneError
 from relaytune.host import load_host_profile
-from relaytune.io import atomic_write_json
+from relaytune.io import atomic_folder, atomic_write_json
 from relaytune.models import resolve_base_model
 from relaytune.params import load_params
-from relaytune.relay_folder import reset_checkpoint_folder, usable_checkpoint
+from relaytune.relay_folder import remove_stale_temp_folders, reset_checkpoint_folder, usable_checkpoint
 from relaytune.stage import run_stage
 from relaytune.train import epoch_metrics, prepare_run
 from relaytune.train_data import load_training_rows
@@ -41,14 +42,19 @@ def main() -> None:
 
     started = time.perf_counter()
     run.setup(parent, checkpoint if usable_checkpoint(checkpoint, run.lineage, epoch) else None)
-    # Only rank 0 logs steps and writes; every rank trains and takes part in saving.
-    live = LiveStepLog(epoch, run.state.history) if run.is_main else contextlib.nullcontext()
-    with live as log_step:
+    with contextlib.ExitStack() as stack:
+        log_step = None
+        if run.is_main:  # rank 0 alone logs steps and writes; every rank trains and takes part in saving
+            # The step log goes to a temp folder, swapped in only once the epoch is saved: a failed or killed epoch
+            # leaves the previous log as it was.
+            remove_stale_temp_folders(paths.dvclive_dir(epoch))
+            live_dir = stack.enter_context(atomic_folder(paths.dvclive_dir(epoch)))
+            log_step = stack.enter_context(LiveStepLog(live_dir, epoch, run.state.history))
         report = run.train_epoch(epoch, on_step=log_step, checkpoint_every=t.checkpoint_every_steps,
                                  checkpoint_dir=checkpoint)
-    wall = time.perf_counter() - started
-    manifest = run.save(epoch_dir, {"kind": "epoch", "wall_seconds": round(wall, 1),
-                                    "tokens_per_second": report.tokens_per_second, "rows_truncated": truncated})
+        wall = time.perf_counter() - started
+        manifest = run.save(epoch_dir, {"kind": "epoch", "wall_seconds": round(wall, 1),
+                                        "tokens_per_second": report.tokens_per_second, "rows_truncated": truncated})
     if run.is_main:
         reset_checkpoint_folder(checkpoint)
         atomic_write_json(paths.metrics_file(f"train_epoch{epoch}"),
@@ -62,7 +68,8 @@ class LiveStepLog:
     """dvclive step logs of this epoch (dvcyaml=False: dvc.yaml stays hand-written). Steps restored from a
     mid-epoch checkpoint are logged again first, so the curve has no gap and no duplicate."""
 
-    def __init__(self, epoch: int, history: list[dict]):
+    def __init__(self, directory: Path, epoch: int, history: list[dict]):
+        self.directory = directory
         self.epoch = epoch
         self.history = history
 
@@ -71,7 +78,7 @@ class LiveStepLog:
         from scmrepo.exceptions import SCMError
 
         try:
-            self.live = Live(str(paths.dvclive_dir(self.epoch)), dvcyaml=False, save_dvc_exp=False, report=None)
+            self.live = Live(str(self.directory), dvcyaml=False, save_dvc_exp=False, report=None)
         except SCMError as e:  # dvclive 3.49 fails in a git repository without commits (treeverse/dvclive#522)
             raise RelaytuneError(f"dvclive cannot start in this git repository ({e}): make a first commit "
                                  "(git add -A && git commit), then re-run") from None

@@ -82,6 +82,8 @@ def test_malformed_rows_are_counted_with_line_numbers(tmp_path, tiny_handbook):
         json.dumps({**good, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),
         json.dumps({k: v for k, v in good.items() if k != "fact_id"}),
         json.dumps({**good, "fact_id": "no-such-fact"}),
+        # Training's rule, applied here first: the last message must be the assistant's answer.
+        json.dumps({**good, "messages": good["messages"] + [{"role": "user", "content": "and?"}]}),
     ]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -92,4 +94,5 @@ def test_malformed_rows_are_counted_with_line_numbers(tmp_path, tiny_handbook):
         (3, "empty assistant answer"),
         (4, "missing field 'fact_id'"),
         (5, "fact_id 'no-such-fact' is not in the handbook"),
+        (6, "messages must end with a non-empty assistant answer"),
     ]

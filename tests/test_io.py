@@ -3,7 +3,7 @@ import json
 import pytest
 
 from relaytune.errors import RelaytuneError
-from relaytune.io import atomic_folder, atomic_write_jsonl, atomic_write_text, read_jsonl, read_jsonl_lines
+from relaytune.io import atomic_folder, atomic_write_jsonl, atomic_write_text, read_jsonl, read_jsonl_lines, read_yaml
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -56,3 +56,14 @@ def test_atomic_folder_without_replace_keeps_the_first_one_made(tmp_path):
         (tmp / "weights").write_text("second")
     assert (target / "weights").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_file_that_is_not_utf8_is_one_line_naming_the_file_line_and_byte(tmp_path):
+    rows = tmp_path / "train.jsonl"
+    rows.write_bytes(b'{"a": 1}\n{"b": "M\xfcller"}\n')
+    with pytest.raises(RelaytuneError, match=r"train.jsonl:2: not UTF-8 \(byte 17 is 0xfc\)"):
+        read_jsonl_lines(rows)
+    handbook = tmp_path / "facts.yaml"
+    handbook.write_bytes(b"name: Universit\xe4t\n")
+    with pytest.raises(RelaytuneError, match=r"facts.yaml:1: not UTF-8 \(byte 15 is 0xe4\)"):
+        read_yaml(handbook)

@@ -33,6 +33,19 @@ def test_rate_limits_and_5xx_are_retried(tmp_path, stub):
     assert len(stub.requests) == 3
 
 
+@pytest.mark.parametrize("stub", [[(200, completion_body())]], indirect=True)
+def test_provenance_says_what_answered_and_when_the_endpoint_was_never_asked(tmp_path, stub):
+    first = _gen(tmp_path, stub.base_url)
+    first.generate(MESSAGES, Decoding(8))
+    assert first.provenance()["this_run"] == {"requests": 1, "served_from_cache": 0, "generated_this_run": 1,
+                                              "endpoint_reached": True, "statuses": {"ok": 1}}
+    stub.close()  # the endpoint goes down; the cache still answers, and the record says so
+    again = _gen(tmp_path, stub.base_url)
+    again.generate(MESSAGES, Decoding(8))
+    assert again.provenance()["this_run"]["served_from_cache"] == 1
+    assert again.provenance()["this_run"]["endpoint_reached"] is False
+
+
 @pytest.mark.parametrize("stub", [[(500, ERROR_BODY)]], indirect=True)
 def test_an_endpoint_that_stays_down_is_one_clear_error(tmp_path, stub):
     with pytest.raises(RelaytuneError) as e:

@@ -22,8 +22,10 @@ def test_repo_params_validate_and_keep_the_study_recipe():
     ({"lora": {"rank": 8}}, "lora.rank: unknown key (allowed: r, alpha, dropout, target_modules)"),
     ({"colour": 1}, "colour: unknown key (allowed: seed, model, synth, audit, lora, train, eval, judge)"),
     ({"synth": {"teacher": {"provider": "openai"}}}, "synth.teacher: model is required when provider is 'openai'"),
-    ({"synth": {"teacher": {"provider": "openai", "model": "m", "api_key_env": "sk-abc123"}}},
+    ({"synth": {"teacher": {"provider": "openai", "model": "m", "api_key_env": "my key"}}},
      "synth.teacher.api_key_env: must be the NAME of an environment variable"),
+    ({"eval": {"adapter_epoch": 3}, "train": {"epochs": 2}},
+     "params.yaml: eval.adapter_epoch 3 is past train.epochs 2: models/epoch3 is never trained"),
     ({"audit": {"flag_by": "judge"}}, "audit: flag_by 'judge' needs audit.judge to be set"),
 ])
 def test_bad_params_give_one_line_naming_the_key(raw, expected):
@@ -34,10 +36,20 @@ def test_bad_params_give_one_line_naming_the_key(raw, expected):
     assert "\n" not in message
 
 
-def test_an_api_key_never_lands_in_the_error_line():
+@pytest.mark.parametrize("key", ["sk-secretsecret", "AIzaSyA1b2C3d4E5f6G7h8", "a1b2c3d4e5f6a7b8c9d0e1f2"])
+def test_an_api_key_pasted_for_its_variable_is_named_as_one_and_never_echoed(key):
     with pytest.raises(RelaytuneError) as e:
-        parse_params({"judge": {"api_key_env": "sk-secretsecret"}})
-    assert "api_key_env" in str(e.value)
+        parse_params({"judge": {"api_key_env": key}})
+    message = str(e.value)
+    assert "judge.api_key_env: this looks like a key itself, not the name of a variable" in message
+    assert key not in message and key[:6] not in message.split("variable")[-1]
+
+
+def test_a_params_file_that_is_not_utf8_names_the_line_and_byte(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"seed: 1\n# caf\xe9\n")
+    with pytest.raises(RelaytuneError, match=r"params.yaml:2: not UTF-8 \(byte 13 is 0xe9\); save the file as UTF-8"):
+        load_params(path)
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
