@@ -33,9 +33,10 @@ def test_killed_epoch_resumes_from_its_last_checkpoint(tmp_path, tiny_base):
     set_params(root, **{"model.base": str(tiny_base), "train.effective_batch_size": 4, "train.max_seq_len": 256,
                         "lora.r": 4, "train.checkpoint_every_steps": 2})
     git_commit(root, "pipeline")
+    output(root, "dvc", "repro", "--single-item", "validate")  # --single-item below runs no upstream stage
     checkpoint = root / "checkpoints" / "epoch1"
     proc = subprocess.Popen(["dvc", "repro", "--single-item", "train_epoch1"], cwd=root, env=subprocess_env(),
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            start_new_session=True, stdout=open(tmp_path / "repro.log", "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and not (checkpoint / "manifest.json").exists():
         time.sleep(0.05)
