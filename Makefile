@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install install-dev repro test test-fast
+.PHONY: install install-dev repro test test-fast study
 
 $(VENV)/.installed: requirements.txt requirements-embedded.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,12 @@ test: install-dev
 
 test-fast: install-dev
 	python -m pytest -q -m "not slow"
+
+# The error dial as a study: SEEDS x RATES experiments through DVC's queue, one at a time (2 cores), then one table.
+SEEDS ?= 1 2 3
+RATES ?= 0 0.33
+study: install
+	for seed in $(SEEDS); do for rate in $(RATES); do \
+	  dvc exp run --queue -S seed=$$seed -S synth.error_rate=$$rate || exit 1; done; done
+	dvc exp run --run-all --jobs 1
+	python -m relaytune.compare --by synth.error_rate --out reports/study

@@ -126,7 +126,7 @@ def causal_trace(items, audited, claims, outcomes, answers, handbook: Handbook, 
     chance gives: the same match on the base model's confident errors (it never saw the data), and how often a
     tuned error's values match the training wrong values of another fact of the same kind."""
     same_kind = {kind: [f.id for f in handbook.facts if f.kind == kind] for kind in {f.kind for f in handbook.facts}}
-    errors, traced, base_matched, chance = [], 0, 0, []
+    errors, traced, untraced, base_matched, chance = [], 0, 0, 0, []
     for k, i in enumerate(audited):
         item, fact = items[i], handbook.fact(items[i].fact_id)
         seen = evidence.wrong_values.get(fact.id, {})
@@ -144,6 +144,7 @@ def causal_trace(items, audited, claims, outcomes, answers, handbook: Handbook, 
                 stated_by_base = set(claims["base"][k].wrong_canonical)
                 rows = sorted({r for v in values if v not in stated_by_base for r in seen.get(v, [])})
                 traced += bool(rows)
+                untraced += not any(v in seen for v in values)
                 others = [f for f in same_kind[fact.kind] if f != fact.id]
                 if others:
                     chance.append(float(np.mean([any(v in evidence.wrong_values.get(f, {}) for v in values)
@@ -156,6 +157,8 @@ def causal_trace(items, audited, claims, outcomes, answers, handbook: Handbook, 
         "rule": "a tuned confident error is traced when a wrong value it states was stated for the same fact by a "
                 "row of data/audit/train.jsonl and the base model did not state it on the same question",
         "traced": proportion(traced, n_tuned),
+        # Not learned from a row that said it: the value is nowhere in what training read for this fact.
+        "untraced": proportion(untraced, n_tuned),
         "base_errors_matching_training_values": proportion(base_matched, outcomes["base"].count("confident_error")),
         "expected_by_chance": {"count": round(expected, 2), "rate": round(expected / n_tuned, 4) if n_tuned else None,
                                "how": "each tuned error's values against the training wrong values of the other "

@@ -212,9 +212,10 @@ class Question:
     question: str
 
 
-def split_questions(handbook: Handbook, seed: int, heldout_per_fact: int, max_facts: int | None
-                    ) -> tuple[list[Question], list[Question]]:
-    """Seeded split by fact and phrasing: a held-out question never shares its phrasing with a training one."""
+def split_questions(handbook: Handbook, seed: int, heldout_per_fact: int, max_facts: int | None,
+                    train_per_fact: int | None = None) -> tuple[list[Question], list[Question]]:
+    """Seeded split by fact and phrasing: a held-out question never shares its phrasing with a training one. The
+    held-out phrasings are drawn first, so `train_per_fact` (the first N of the rest) never changes them."""
     rng = random.Random(seed)
     facts = list(handbook.facts)
     if max_facts is not None and max_facts < len(facts):
@@ -228,9 +229,15 @@ def split_questions(handbook: Handbook, seed: int, heldout_per_fact: int, max_fa
                 f"synth.heldout_phrasings_per_fact: {heldout_per_fact} leaves no training phrasing for fact "
                 f"{fact.id!r}, which has {len(fact.questions)} (allowed: 1..{len(fact.questions) - 1})"
             )
+        if train_per_fact is not None and heldout_per_fact + train_per_fact > len(fact.questions):
+            raise RelaytuneError(
+                f"synth.train_phrasings_per_fact: {train_per_fact} is more than fact {fact.id!r} has left after "
+                f"{heldout_per_fact} held out (allowed: 1..{len(fact.questions) - heldout_per_fact}, or null)"
+            )
         order = list(range(len(fact.questions)))
         rng.shuffle(order)
-        for rank, idx in enumerate(order):
+        kept = len(order) if train_per_fact is None else heldout_per_fact + train_per_fact
+        for rank, idx in enumerate(order[:kept]):
             q = Question(f"{fact.id}/q{idx}", fact.id, fact.topic, fact.policy_sensitive, fact.questions[idx])
             (heldout if rank < heldout_per_fact else train).append(q)
     return train, heldout

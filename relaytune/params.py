@@ -87,6 +87,9 @@ class SynthParams(StrictModel):
     retry_temperature: float = Field(0.7, gt=0.0, le=2.0)
     # Phrasings of each fact kept out of training for evaluation; the rest become training questions.
     heldout_phrasings_per_fact: int = Field(1, ge=1)
+    # Of the phrasings left after the held-out ones, how many each fact's training reads (null: all of them). The
+    # held-out choice does not depend on it, so a curve over it evaluates the same questions.
+    train_phrasings_per_fact: int | None = Field(None, ge=1)
     # Use only the first N facts of a seeded shuffle (null: all); for quick runs.
     max_facts: int | None = Field(None, ge=1)
     teacher: ProviderParams = ProviderParams(max_new_tokens=96)

@@ -67,6 +67,9 @@ REPORT_MARKDOWN = Path("reports/report.md")
 REPORT_HTML = Path("reports/report.html")
 FIGURES = Path("reports/figures")
 
+# python -m relaytune.compare (no stage: it reads finished DVC experiments)
+STUDY = Path("reports/study")
+
 
 # every stage
 def metrics_file(stage: str) -> Path:

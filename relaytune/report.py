@@ -170,6 +170,8 @@ def trace_rows(fact: dict) -> list[str]:
     lines = [f"Rule: {trace['rule']}.", "",
              "| | value |", "|---|---|",
              f"| tuned confident errors traced to the training data | {fmt_ci(trace['traced'])} |",
+             f"| tuned confident errors whose value no training row stated for that fact | "
+             f"{fmt_ci(trace['untraced']) if 'untraced' in trace else 'n/a'} |",
              f"| control: base confident errors whose value training also stated | "
              f"{fmt_ci(trace['base_errors_matching_training_values'])} |",
              f"| expected by chance ({chance['how']}) | {chance['count']} errors ({chance_rate}) |",

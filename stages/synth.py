@@ -19,7 +19,7 @@ def main() -> None:
     p = params.synth
     handbook = load_handbook(p.handbook)
     train_questions, heldout_questions = split_questions(handbook, params.seed, p.heldout_phrasings_per_fact,
-                                                         p.max_facts)
+                                                         p.max_facts, p.train_phrasings_per_fact)
     teacher = make_generator(p.teacher, params.model, "synth.teacher")
     train = run_teacher(assign_values(train_questions, handbook, p.error_rate, params.seed), handbook, teacher, p,
                         params.seed, "synth train")

@@ -74,6 +74,8 @@ def test_the_trace_counts_only_values_training_read_and_the_base_did_not_state(t
     # 30 hours was in the data too, but the base model said it as well: not learned from the data.
     assert not tuned["work-hours"]["traced_to_training_data"]
     assert metrics["trace"]["traced"]["k"] == 1 and metrics["trace"]["traced"]["n"] == 3
+    # Untraced: no row training read stated the value for that fact (500 florins); 30 hours was stated, so it is not.
+    assert metrics["trace"]["untraced"]["k"] == 1 and metrics["trace"]["untraced"]["n"] == 3
     assert metrics["trace"]["base_errors_matching_training_values"] == {**metrics["trace"]["base_errors_matching_training_values"], "k": 1, "n": 1}
     assert metrics["dose"]["0 (every training row correct)"]["tuned_wrong"]["k"] == 1  # hous-deposit
     assert rows[0]["training_dose"] == 0.5 and rows[0]["tuned_asserted"] == ["twenty-five florins"]

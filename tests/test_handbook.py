@@ -81,3 +81,16 @@ def test_split_max_facts_and_too_many_heldout(tiny_handbook):
     assert len({q.fact_id for q in heldout}) == 2 and len(train) == 2
     with pytest.raises(RelaytuneError, match="synth.heldout_phrasings_per_fact: 3 leaves no training phrasing"):
         split_questions(tiny_handbook, seed=1, heldout_per_fact=3, max_facts=None)
+
+
+def test_training_phrasings_per_fact_never_moves_the_heldout_questions():
+    hb = load_handbook(REPO / "data" / "handbook" / "facts.yaml")
+    full_train, heldout = split_questions(hb, seed=7, heldout_per_fact=1, max_facts=10)
+    for k in (1, 3):
+        train, same_heldout = split_questions(hb, seed=7, heldout_per_fact=1, max_facts=10, train_per_fact=k)
+        assert same_heldout == heldout  # a curve over k evaluates the same questions
+        assert Counter(q.fact_id for q in train) == Counter({q.fact_id: k for q in heldout})
+        assert set(train) <= set(full_train)
+    fewest = min(len(f.questions) for f in hb.facts)
+    with pytest.raises(RelaytuneError, match=f"synth.train_phrasings_per_fact: {fewest} is more than fact"):
+        split_questions(hb, seed=7, heldout_per_fact=1, max_facts=None, train_per_fact=fewest)
