@@ -31,7 +31,8 @@ test-fast: install-dev
 	python -m pytest -q -m "not slow"
 
 # The error dial as a study: SEEDS x RATES experiments through DVC's queue, one at a time (2 cores), then one table.
-SEEDS ?= 1 2 3
+# Seed 1234 is params.yaml's: with rate 0.33 that experiment is the default, restored from `dvc repro`'s run cache.
+SEEDS ?= 1234 1235 1236
 RATES ?= 0 0.33
 study: install
 	for seed in $(SEEDS); do for rate in $(RATES); do \
