@@ -167,6 +167,39 @@ def fresh_completions(tmp_path, base_model, monkeypatch) -> Path:
     return root / "completions"
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_base, base_model):
+    """A repository whose whole pipeline `dvc repro` ran once on the tiny model, outputs committed, with a completions
+    cache of its own; (root, env). Built once for the session: tests that change it restore it (test_faults) or work
+    on a copy (tiny_pipeline_copy)."""
+    root = copy_repo(tmp_path_factory.mktemp("tiny-pipeline") / "repo")
+    cache = root.parent / "relaytune-cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(base_model.path.parent)
+    set_params(root, **{"model.base": str(tiny_base), "synth.max_facts": 4, "synth.max_attempts": 1,
+                        "synth.teacher.max_new_tokens": 8, "synth.teacher.temperature": 1.0,
+                        "audit.max_malformed_fraction": 1.0, "train.effective_batch_size": 4, "lora.r": 4,
+                        "eval.max_new_tokens": 8, "eval.bootstrap_samples": 500, "eval.general_chunks": 4,
+                        "eval.general_chunk_tokens": 64, "eval.mc_task": "mc.jsonl", "judge.max_new_tokens": 8})
+    (root / "mc.jsonl").write_text("".join(json.dumps({"question": f"Two plus {i} is", "choices": [str(2 + i), "ten"],
+                                                        "answer": 0}) + "\n" for i in range(3)))
+    git_commit(root, "pipeline")
+    env = subprocess_env(RELAYTUNE_CACHE=str(cache))
+    sh(root, "dvc", "repro", env=env)
+    git_commit(root, "outputs")
+    return root, env
+
+
+@pytest.fixture
+def tiny_pipeline_copy(tiny_pipeline, tmp_path, monkeypatch) -> Path:
+    """A copy of the built tiny pipeline (git history, DVC cache and outputs) that a test may break as it likes."""
+    root, env = tiny_pipeline
+    copy = tmp_path / "repo"
+    shutil.copytree(root, copy, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
+    monkeypatch.setenv("RELAYTUNE_CACHE", env["RELAYTUNE_CACHE"])
+    return copy
+
+
 # ---------------------------------------------------------------- training
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from relaytune.factuality import factuality_report, outcome, paired_error_differ
 from relaytune.params import Params
 from relaytune.figures import loss_segments, yerr
 from relaytune.stats import paired_delta
-from tests.conftest import copy_repo, free_port, git_commit, one_error_line, run_stage, set_params, sh
+from tests.conftest import free_port, one_error_line, run_stage, set_params
 
 PARAMS = Params.model_validate({"eval": {"bootstrap_samples": 2000}})
 
@@ -101,23 +101,9 @@ def test_loss_segments_keep_one_colour_per_host():
     assert segments[1]["host"] == "lab: NVIDIA H100 (bfloat16)" and segments[2]["steps"] == [5, 6]
 
 
-@pytest.fixture
-def pipeline(tmp_path, tiny_base, fresh_completions):
-    root = copy_repo(tmp_path / "repo")
-    set_params(root, **{"model.base": str(tiny_base), "synth.max_facts": 4, "synth.max_attempts": 1,
-                        "synth.teacher.max_new_tokens": 8, "synth.teacher.temperature": 1.0,
-                        "audit.max_malformed_fraction": 1.0, "train.effective_batch_size": 4, "lora.r": 4,
-                        "eval.max_new_tokens": 8, "eval.bootstrap_samples": 500,
-                        "eval.general_chunks": 4, "eval.general_chunk_tokens": 64, "eval.mc_task": "mc.jsonl"})
-    (root / "mc.jsonl").write_text("".join(json.dumps({"question": f"Two plus {i} is", "choices": [str(2 + i), "ten"],
-                                                        "answer": 0}) + "\n" for i in range(3)))
-    git_commit(root, "pipeline")
-    sh(root, "dvc", "repro", "report")
-    return root
-
-
 @pytest.mark.slow
-def test_eval_stages_and_report_end_to_end_then_bad_inputs(pipeline):
+def test_eval_stages_and_report_end_to_end_then_bad_inputs(tiny_pipeline_copy):
+    pipeline = tiny_pipeline_copy  # dvc repro of the whole pipeline on the tiny model (conftest), copied
     sim = json.loads((pipeline / "metrics" / "eval_similarity.json").read_text())
     assert sim["n"] == 4 and set(sim["base"]) == {"precision", "recall", "f1", "rouge_l", "words"}
     assert sim["f1_delta"]["n"] == 4 and "ci_low" in sim["f1_delta"] and "p_value" in sim["f1_delta"]

@@ -1,6 +1,6 @@
 """Fault injection through `dvc repro`, as users run the pipeline: each bad input or interruption stops with one
 relaytune line (or DVC's own, where DVC fails before any stage starts) and a non-zero exit, and every output of every
-stage is byte-identical afterwards, with no temp file left. A pipeline on the tiny model is built once per module."""
+stage is byte-identical afterwards, with no temp file left. They share the session's pipeline on the tiny model."""
 
 import hashlib
 import os
@@ -14,35 +14,17 @@ import pytest
 import yaml
 
 from relaytune import paths
-from tests.conftest import copy_repo, free_port, git_commit, set_params, sh, subprocess_env, write_training_rows
+from tests.conftest import free_port, set_params, sh, write_training_rows
 
 pytestmark = pytest.mark.slow  # every test here runs `dvc repro`
 OUTPUT_ROOTS = ("data", "metrics", "models", "reports", "checkpoints", "dvclive")
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_base, base_model):
-    """A repository whose whole pipeline has run on the tiny model, with a completions cache of its own."""
-    root = copy_repo(tmp_path_factory.mktemp("faults") / "repo")
-    cache = root.parent / "relaytune-cache"
-    cache.mkdir()
-    (cache / "models").symlink_to(base_model.path.parent)
-    set_params(root, **{"model.base": str(tiny_base), "synth.max_facts": 3, "synth.max_attempts": 1,
-                        "synth.teacher.max_new_tokens": 8, "synth.teacher.temperature": 1.0,
-                        "audit.max_malformed_fraction": 1.0, "train.effective_batch_size": 4, "lora.r": 4,
-                        "eval.max_new_tokens": 8, "eval.bootstrap_samples": 200, "eval.general_chunks": 4,
-                        "eval.general_chunk_tokens": 64, "judge.max_new_tokens": 8})
-    git_commit(root, "pipeline")
-    env = subprocess_env(RELAYTUNE_CACHE=str(cache))
-    sh(root, "dvc", "repro", env=env)
-    git_commit(root, "outputs")
-    return root, env
-
-
 @pytest.fixture
-def pipeline(built):
-    """The built pipeline, checked back to its committed state after each test (inputs and outputs alike)."""
-    root, env = built
+def pipeline(tiny_pipeline):
+    """The session's built tiny pipeline (conftest), checked back to its committed state after each test (inputs and
+    outputs alike)."""
+    root, env = tiny_pipeline
     before = snapshot(root)
     yield root, env, before
     sh(root, "git", "checkout", "-q", "--", ".", env=env)
