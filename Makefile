@@ -30,12 +30,14 @@ test: install-dev
 test-fast: install-dev
 	python -m pytest -q -m "not slow"
 
-# The error dial as a study: SEEDS x RATES experiments through DVC's queue, one at a time (2 cores), then one table.
+# The error dial as a study: SEEDS x RATES experiments through DVC's queue, one at a time (2 cores), then one table of
+# those experiments alone (other experiments in the repo would be pooled into the arms).
 # Seed 1234 is params.yaml's: with rate 0.33 that experiment is the default, restored from `dvc repro`'s run cache.
 SEEDS ?= 1234 1235 1236
 RATES ?= 0 0.33
+STUDY_EXPS = $(foreach seed,$(SEEDS),$(foreach rate,$(RATES),dial-s$(seed)-r$(rate)))
 study: install
 	for seed in $(SEEDS); do for rate in $(RATES); do \
-	  dvc exp run --queue -S seed=$$seed -S synth.error_rate=$$rate || exit 1; done; done
+	  dvc exp run --queue -n dial-s$$seed-r$$rate -S seed=$$seed -S synth.error_rate=$$rate || exit 1; done; done
 	dvc exp run --run-all --jobs 1
-	python -m relaytune.compare --by synth.error_rate --out reports/study
+	python -m relaytune.compare --by synth.error_rate $(foreach e,$(STUDY_EXPS),--exp $(e)) --out reports/study

@@ -94,3 +94,16 @@ def test_training_phrasings_per_fact_never_moves_the_heldout_questions():
     fewest = min(len(f.questions) for f in hb.facts)
     with pytest.raises(RelaytuneError, match=f"synth.train_phrasings_per_fact: {fewest} is more than fact"):
         split_questions(hb, seed=7, heldout_per_fact=1, max_facts=None, train_per_fact=fewest)
+
+
+def test_the_fact_recall_probe_trains_on_the_pipelines_phrasings():
+    # bench/fact_recall.py takes every training phrasing once and keeps the first K of each fact: the same questions
+    # as the pipeline's synth.train_phrasings_per_fact=K, so its numbers speak for the pipeline's split.
+    from bench.fact_recall import first_per_fact
+
+    hb = load_handbook(REPO / "data" / "handbook" / "facts.yaml")
+    every, _ = split_questions(hb, seed=1234, heldout_per_fact=1, max_facts=None)
+    rows = [{"fact_id": q.fact_id, "question": q.question} for q in every]
+    for k in (2, 7):
+        pipeline, _ = split_questions(hb, seed=1234, heldout_per_fact=1, max_facts=None, train_per_fact=k)
+        assert [r["question"] for r in first_per_fact(rows, k)] == [q.question for q in pipeline]
