@@ -7,20 +7,39 @@ the model's size. Three steps, the middle one on a GPU host (torch, transformers
   python3 bench/fact_recall.py train .gpuprobe/rows.json MODEL_DIR OUT.json   # GPU: LoRA runs, greedy answers
   python -m bench.fact_recall score OUT.json > bench/results/fact_recall_h200.json   # here: the claim classifier
 
-Each run trains a fresh LoRA (r=16, alpha 32, every linear projection, as params.yaml; bf16 weights, since the
-GPU image has no bitsandbytes, so not NF4) at a constant learning rate after 3% warm-up, batch 8, loss on the
-answer tokens only, and answers the held-out and the training questions greedily after each listed epoch.
+Each run (RUNS) trains a fresh LoRA (r=16, alpha 32, every linear projection, as params.yaml) on a bf16 base, or on
+an NF4 double-quant base (method qlora, bitsandbytes carried as a wheel), at a constant or cosine learning rate after
+3% warm-up, batch 8, loss on the answer tokens only, and answers the held-out and the training questions greedily
+after each listed epoch; a qlora run answers both on its NF4 base and merged into the full-precision base, which is
+how the pipeline evaluates a tuned model.
 """
 
 import argparse
 import json
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RUNS = [  # (training phrasings per fact, learning rate)
-    (2, 2e-4), (2, 1e-3), (7, 2e-4), (7, 1e-3)]
-EVAL_AFTER_EPOCHS = (1, 3, 10)
+
+
+@dataclass(frozen=True)
+class Run:
+    per_fact: int  # training phrasings per fact
+    lr: float
+    method: str = "lora"  # lora: bf16 base | qlora: NF4 double-quant base, as train.method=qlora
+    schedule: str = "constant"  # constant | cosine (over the run, as the pipeline's train.lr_scheduler)
+    eval_after: tuple[int, ...] = (1, 3, 10)
+
+
+RUNS = {  # the first four ran first (bench/results/fact_recall_h200.json); the others separate NF4 and cosine
+    "k2-lr0.0002": Run(2, 2e-4), "k2-lr0.001": Run(2, 1e-3), "k7-lr0.0002": Run(7, 2e-4), "k7-lr0.001": Run(7, 1e-3),
+    "k7-lr0.0002-lora-cosine": Run(7, 2e-4, "lora", "cosine", (3,)),
+    "k7-lr0.0002-qlora-cosine": Run(7, 2e-4, "qlora", "cosine", (3,)),
+    "k2-lr0.001-lora-cosine": Run(2, 1e-3, "lora", "cosine", (3,)),
+    "k2-lr0.001-qlora-cosine": Run(2, 1e-3, "qlora", "cosine", (3,)),
+}
 
 
 def prepare(out: str, seed: int) -> None:
@@ -49,11 +68,14 @@ def first_per_fact(rows: list[dict], per_fact: int) -> list[dict]:
     return kept
 
 
-def train(rows_path: str, model_dir: str, out: str) -> None:
+def train(rows_path: str, model_dir: str, out: str, names: list[str]) -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
+                              get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup)
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = json.load(open(rows_path))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
@@ -76,62 +98,77 @@ def train(rows_path: str, model_dir: str, out: str) -> None:
         texts = []
         for i in range(0, len(questions), 64):
             batch = tokenizer([chat(q) for q in questions[i:i + 64]], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to("cuda")
+                              add_special_tokens=False).to(device)
             with torch.no_grad():
                 ids = model.generate(**batch, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             texts += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         model.train()
         return texts
 
-    results = []
-    def load(dtype):
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda")
+    def load(method):
+        if method == "qlora":
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=dtype,
+                                                         device_map={"": device})
+            return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
 
-    base = load(torch.bfloat16)
-    results.append({"run": "base", "epoch": 0, "heldout": answers(base, [q["question"] for q in rows["heldout"]])})
-    print(f"base answered {len(rows['heldout'])} held-out questions", flush=True)
-    del base
-    for per_fact, lr in RUNS:
+    def merged_answers(model, questions):
+        """The adapter merged into the full-precision base, as the pipeline's evaluation serves a tuned model."""
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            merged = PeftModel.from_pretrained(load("lora"), tmp).merge_and_unload()
+            return answers(merged, questions)
+
+    def save(results):  # after every evaluation, so that a run cut short keeps what it measured
+        with open(out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                       "results": results}, f)
+
+    heldout = [q["question"] for q in rows["heldout"]]
+    results = [{"run": "base", "epoch": 0, "heldout": answers(load("lora"), heldout)}]
+    print(f"base answered {len(heldout)} held-out questions", flush=True)
+    for name in names:
+        run = RUNS[name]
         torch.manual_seed(rows["seed"])
-        train_rows = first_per_fact(rows["train"], per_fact)
+        train_rows = first_per_fact(rows["train"], run.per_fact)
         examples = [encode(r["question"], r["answer"]) for r in train_rows]
-        model = load(torch.bfloat16)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS,
-                                                 task_type="CAUSAL_LM"))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-        steps_per_epoch = -(-len(examples) // 8)
-        warmup = max(1, int(0.03 * steps_per_epoch * max(EVAL_AFTER_EPOCHS)))
-        step, start = 0, time.time()
-        for epoch in range(1, max(EVAL_AFTER_EPOCHS) + 1):
+        model = get_peft_model(load(run.method), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                            target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=0.0)
+        total = -(-len(examples) // 8) * max(run.eval_after)
+        warmup = max(1, int(0.03 * total))
+        scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, total) if run.schedule == "cosine"
+                     else get_constant_schedule_with_warmup(optimizer, warmup))
+        start = time.time()
+        for epoch in range(1, max(run.eval_after) + 1):
             order = torch.randperm(len(examples)).tolist()
             losses = []
             for b in range(0, len(order), 8):
-                if step == 10:
-                    print(f"10 steps in {time.time() - start:.1f} s", flush=True)
                 batch = [examples[i] for i in order[b:b + 8]]
                 width = max(len(ids) for ids, _ in batch)
-                ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x, _ in batch], device="cuda")
-                labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch], device="cuda")
-                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch], device="cuda")
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * min(1.0, (step + 1) / warmup)
+                ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x, _ in batch], device=device)
+                labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch], device=device)
+                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch], device=device)
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-                step += 1
-            if epoch in EVAL_AFTER_EPOCHS:
-                results.append({"run": f"k{per_fact}-lr{lr:g}", "per_fact": per_fact, "lr": lr, "epoch": epoch,
-                                "train_rows": len(examples), "loss": sum(losses) / len(losses),
-                                "seconds": round(time.time() - start, 1),
-                                "heldout": answers(model, [q["question"] for q in rows["heldout"]]),
-                                "trained": answers(model, [r["question"] for r in train_rows])})
-                print(f"{results[-1]['run']} epoch {epoch}: loss {results[-1]['loss']:.3f} "
-                      f"({results[-1]['seconds']} s)", flush=True)
-                with open(out, "w") as f:  # after every evaluation, so that a run cut short keeps what it measured
-                    json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f)
+            if epoch in run.eval_after:
+                trained = [r["question"] for r in train_rows]
+                entry = {"run": name, "per_fact": run.per_fact, "lr": run.lr, "method": run.method,
+                         "schedule": run.schedule, "epoch": epoch, "train_rows": len(examples),
+                         "loss": sum(losses) / len(losses), "seconds": round(time.time() - start, 1),
+                         "heldout": answers(model, heldout), "trained": answers(model, trained)}
+                if run.method == "qlora":
+                    entry["heldout_merged"] = merged_answers(model, heldout)
+                results.append(entry)
+                print(f"{name} epoch {epoch}: loss {entry['loss']:.3f} ({entry['seconds']} s)", flush=True)
+                save(results)
         del model, optimizer
 
 
@@ -153,8 +190,13 @@ def score(answers_path: str, rows_path: str) -> None:
     for r in got["results"]:
         entry = {k: r[k] for k in ("run", "epoch", "loss", "seconds", "train_rows") if k in r}
         entry["heldout"] = rates(rows["heldout"], r["heldout"])
+        for key in ("method", "schedule"):
+            entry[key] = r.get(key, "lora" if key == "method" else "constant")  # the first call's runs name neither
         if "trained" in r:
-            entry["trained"] = rates(first_per_fact(rows["train"], r["per_fact"]), r["trained"])
+            trained = first_per_fact(rows["train"], r["per_fact"])
+            entry["trained"] = rates(trained, r["trained"])
+        if "heldout_merged" in r:  # the NF4-trained adapter merged into the full-precision base
+            entry["heldout_merged"] = rates(rows["heldout"], r["heldout_merged"])
         table.append(entry)
     json.dump({"machine": got["gpu"], "torch": got["torch"], "seed": rows["seed"], "table": table}, sys.stdout,
               indent=1)
@@ -171,6 +213,7 @@ if __name__ == "__main__":
     p.add_argument("rows")
     p.add_argument("model_dir")
     p.add_argument("out")
+    p.add_argument("--runs", default=",".join(list(RUNS)[:4]), help=f"comma-separated, of: {', '.join(RUNS)}")
     p = sub.add_parser("score")
     p.add_argument("answers")
     p.add_argument("rows")
@@ -178,6 +221,6 @@ if __name__ == "__main__":
     if args.step == "prepare":
         prepare(args.out, args.seed)
     elif args.step == "train":
-        train(args.rows, args.model_dir, args.out)
+        train(args.rows, args.model_dir, args.out, args.runs.split(","))
     else:
         score(args.answers, args.rows)

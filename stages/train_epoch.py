@@ -33,7 +33,13 @@ def main() -> None:
         # before the workers would race for it).
         load_training_rows(paths.AUDITED_TRAIN)
         resolve_base_model(params.model)
-        launch(num_processes, "stages.train_epoch", ["--epoch", str(epoch)], f"train_epoch{epoch}")
+        try:
+            launch(num_processes, "stages.train_epoch", ["--epoch", str(epoch)], f"train_epoch{epoch}")
+        finally:
+            # A worker that did not unwind within torchrun's grace period after a peer died was SIGKILLed, leaving
+            # its temp folders; every worker has stopped now, so none of them is in use (seen on a loaded CPU).
+            for target in (paths.dvclive_dir(epoch), paths.epoch_dir(epoch), paths.checkpoint_dir(epoch)):
+                remove_stale_temp_folders(target)
         return
     run, truncated = prepare_run(params, host, paths.AUDITED_TRAIN)
     parent = paths.epoch_dir(epoch - 1) if epoch > 1 else None
