@@ -33,7 +33,7 @@ class Run:
     eval_after: tuple[int, ...] = (1, 3, 10)
 
 
-RUNS = {  # the first four ran first (bench/results/fact_recall_h200.json); the others separate NF4 and cosine
+RUNS = {  # results: fact_recall_h200.json (the first three), fact_recall_nf4_h200.json (k7 NF4 and cosine)
     "k2-lr0.0002": Run(2, 2e-4), "k2-lr0.001": Run(2, 1e-3), "k7-lr0.0002": Run(7, 2e-4), "k7-lr0.001": Run(7, 1e-3),
     "k7-lr0.0002-lora-cosine": Run(7, 2e-4, "lora", "cosine", (3,)),
     "k7-lr0.0002-qlora-cosine": Run(7, 2e-4, "qlora", "cosine", (3,)),
