@@ -3,6 +3,7 @@ trace.png): per arm the mean of every headline metric across seeds with its 95% 
 two arms differ in one number, and the verdict on where the tuned model's confident errors come from.
 
     python -m relaytune.compare [--by synth.error_rate] [--exp NAME ...] [--replicate seed] [--out reports/study]
+                                [--rev COMMIT ... | --all-commits]
 
 Where the numbers come from. `dvc exp show --json` (DVC 3) lists, under each baseline commit, `experiments`: each
 with `name`, `executor` (null for a workspace run; else `state` queued | running | success | failed and
@@ -494,12 +495,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exp", action="append", help="an experiment to compare (repeatable; default all)")
     parser.add_argument("--replicate", default="seed")
     parser.add_argument("--include-baseline", action="store_true")
+    # `dvc exp show` lists the experiments of HEAD alone: a commit made after queueing hides them.
+    parser.add_argument("--rev", action="append", help="the baseline commit of the experiments (repeatable)")
+    parser.add_argument("--all-commits", action="store_true", help="experiments of every commit (dvc exp show -A)")
     args = parser.parse_args(argv)
-    show = json.loads(command([sys.executable, "-m", "dvc", "exp", "show", "--json"], "dvc exp show"))
+    which = ["-A"] if args.all_commits else [a for rev in args.rev or [] for a in ("--rev", rev)]
+    show = json.loads(command([sys.executable, "-m", "dvc", "exp", "show", "--json", *which], "dvc exp show"))
     entries = listed_experiments(show, args.include_baseline)
     absent = sorted(set(args.exp or []) - {e["name"] for e in entries})
     if absent:
-        raise RelaytuneError(f"--exp {absent[0]}: no such experiment in `dvc exp show`")
+        raise RelaytuneError(f"--exp {absent[0]}: no such experiment in `dvc exp show {' '.join(which)}`".rstrip()
+                             + ("" if which else " (experiments of an earlier commit: --rev COMMIT or --all-commits)"))
     runs = [load_run(e) for e in entries if not args.exp or e["name"] in args.exp]
     study = build_study(runs, args.by, args.replicate)
     out = Path(args.out)

@@ -272,3 +272,16 @@ def test_a_grid_with_two_handbooks_is_refused_with_one_line(grid, tmp_path):
     line = one_error_line(compare(grid, "--out", str(tmp_path / "study")))
     assert "different handbooks" in line and "other-handbook" in line and line.count("sha256:") == 2
     assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.slow
+def test_experiments_of_an_earlier_commit_need_rev_or_all_commits(grid, tmp_path):
+    # Last in this file: it moves the toy repo's HEAD. `dvc exp show` lists HEAD's experiments alone.
+    (grid / "notes.txt").write_text("a commit made after the grid ran\n")
+    git_commit(grid, "later work")
+    line = one_error_line(compare(grid, "--exp", "e0-s1", "--out", str(tmp_path / "hidden")))
+    assert "--exp e0-s1: no such experiment" in line and "--rev COMMIT or --all-commits" in line
+    result = compare(grid, "--all-commits", *[a for name in GOOD for a in ("--exp", name)],
+                     "--out", str(tmp_path / "study"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads((tmp_path / "study" / "study.json").read_text())["experiments"]) == len(GOOD)
