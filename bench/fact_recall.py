@@ -1,11 +1,13 @@
 """A capacity probe for issue #14: can the embedded SmolLM2-135M learn the handbook's facts at all, so that a held-out
 phrasing retrieves them, when every training answer is the handbook's own statement with the correct value (an ideal
-teacher)? If it can, the default pipeline's failure to learn facts lies in its teacher's answers; if it cannot, in
-the model's size. Three steps, the middle one on a GPU host (torch, transformers and peft only):
+teacher)? If it can, the default pipeline's failure to learn facts lies in its recipe or its teacher's answers; if it
+cannot, in the model's size. Three steps, the middle one on a GPU host (torch, transformers and peft; bitsandbytes
+for the qlora runs). MODEL_DIR is the dequantised base (relaytune.models.materialise_gguf's output; the 98 MB GGUF
+travels to a GPU host in two carried halves):
 
   python -m bench.fact_recall prepare --out .gpuprobe/rows.json         # here: the pipeline's own seeded split
-  python3 bench/fact_recall.py train .gpuprobe/rows.json MODEL_DIR OUT.json   # GPU: LoRA runs, greedy answers
-  python -m bench.fact_recall score OUT.json > bench/results/fact_recall_h200.json   # here: the claim classifier
+  python3 bench/fact_recall.py train .gpuprobe/rows.json MODEL_DIR OUT.json --runs NAME,...   # GPU: greedy answers
+  python -m bench.fact_recall score OUT.json .gpuprobe/rows.json > bench/results/NAME.json     # here: the classifier
 
 Each run (RUNS) trains a fresh LoRA (r=16, alpha 32, every linear projection, as params.yaml) on a bf16 base, or on
 an NF4 double-quant base (method qlora, bitsandbytes carried as a wheel), at a constant or cosine learning rate after
