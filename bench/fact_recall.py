@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -61,11 +62,11 @@ def prepare(out: str, seed: int) -> None:
 
 def first_per_fact(rows: list[dict], per_fact: int) -> list[dict]:
     """The first `per_fact` training rows of each fact (the pipeline's train_phrasings_per_fact)."""
-    taken: dict[str, int] = {}
+    taken: Counter = Counter()
     kept = []
     for row in rows:
-        if taken.get(row["fact_id"], 0) < per_fact:
-            taken[row["fact_id"]] = taken.get(row["fact_id"], 0) + 1
+        if taken[row["fact_id"]] < per_fact:
+            taken[row["fact_id"]] += 1
             kept.append(row)
     return kept
 
@@ -192,8 +193,8 @@ def score(answers_path: str, rows_path: str) -> None:
     for r in got["results"]:
         entry = {k: r[k] for k in ("run", "epoch", "loss", "seconds", "train_rows") if k in r}
         entry["heldout"] = rates(rows["heldout"], r["heldout"])
-        for key in ("method", "schedule"):
-            entry[key] = r.get(key, "lora" if key == "method" else "constant")  # the first call's runs name neither
+        # The first call's runs name neither: they were bf16 LoRA at a constant rate.
+        entry["method"], entry["schedule"] = r.get("method", "lora"), r.get("schedule", "constant")
         if "trained" in r:
             trained = first_per_fact(rows["train"], r["per_fact"])
             entry["trained"] = rates(trained, r["trained"])

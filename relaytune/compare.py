@@ -496,16 +496,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicate", default="seed")
     parser.add_argument("--include-baseline", action="store_true")
     # `dvc exp show` lists the experiments of HEAD alone: a commit made after queueing hides them.
-    parser.add_argument("--rev", action="append", help="the baseline commit of the experiments (repeatable)")
-    parser.add_argument("--all-commits", action="store_true", help="experiments of every commit (dvc exp show -A)")
+    baselines = parser.add_mutually_exclusive_group()
+    baselines.add_argument("--rev", action="append", help="the baseline commit of the experiments (repeatable)")
+    baselines.add_argument("--all-commits", action="store_true", help="experiments of every commit (dvc exp show -A)")
     args = parser.parse_args(argv)
     which = ["-A"] if args.all_commits else [a for rev in args.rev or [] for a in ("--rev", rev)]
-    show = json.loads(command([sys.executable, "-m", "dvc", "exp", "show", "--json", *which], "dvc exp show"))
+    show_cmd = ["dvc", "exp", "show", *which]
+    show = json.loads(command([sys.executable, "-m", *show_cmd, "--json"], "dvc exp show"))
     entries = listed_experiments(show, args.include_baseline)
     absent = sorted(set(args.exp or []) - {e["name"] for e in entries})
     if absent:
-        raise RelaytuneError(f"--exp {absent[0]}: no such experiment in `dvc exp show {' '.join(which)}`".rstrip()
-                             + ("" if which else " (experiments of an earlier commit: --rev COMMIT or --all-commits)"))
+        hint = "" if which else " (experiments of an earlier commit: --rev COMMIT or --all-commits)"
+        raise RelaytuneError(f"--exp {absent[0]}: no such experiment in `{' '.join(show_cmd)}`{hint}")
     runs = [load_run(e) for e in entries if not args.exp or e["name"] in args.exp]
     study = build_study(runs, args.by, args.replicate)
     out = Path(args.out)
