@@ -32,7 +32,7 @@ test-fast: install-dev
 
 # The error dial as a study: SEEDS x RATES experiments through DVC's queue, one at a time (2 cores), then one table of
 # those experiments alone (other experiments in the repo would be pooled into the arms).
-# Seed 1234 is params.yaml's: with rate 0.33 that experiment is the default, restored from `dvc repro`'s run cache.
+# Every experiment runs all its stages: DVC does not restore stages with `persist` outputs from its run cache.
 SEEDS ?= 1234 1235 1236
 RATES ?= 0 0.33
 STUDY_EXPS = $(foreach seed,$(SEEDS),$(foreach rate,$(RATES),dial-s$(seed)-r$(rate)))

@@ -12,8 +12,9 @@ travels to a GPU host in two carried halves):
 Each run (RUNS) trains a fresh LoRA (r=16, alpha 32, every linear projection, as params.yaml) on a bf16 base, or on
 an NF4 double-quant base (method qlora, bitsandbytes carried as a wheel), at a constant or cosine learning rate after
 3% warm-up, batch 8, loss on the answer tokens only, and answers the held-out and the training questions greedily
-after each listed epoch; a qlora run answers both on its NF4 base and merged into the full-precision base, which is
-how the pipeline evaluates a tuned model.
+after each listed epoch; a qlora run answers on its NF4 base, merged into the full-precision base
+(eval.merge_into=full_precision) and merged into the dequantised NF4 base it was trained on (trained_base, the
+pipeline's default).
 """
 
 import argparse
@@ -42,6 +43,12 @@ RUNS = {  # results: fact_recall_h200.json (the first three), fact_recall_nf4_h2
     "k7-lr0.0002-qlora-cosine": Run(7, 2e-4, "qlora", "cosine", (3,)),
     "k2-lr0.001-lora-cosine": Run(2, 1e-3, "lora", "cosine", (3,)),
     "k2-lr0.001-qlora-cosine": Run(2, 1e-3, "qlora", "cosine", (3,)),
+    # fact_recall_constant_*.json: the pipeline's method (NF4) at train.lr_scheduler=constant_with_warmup
+    "k7-lr0.001-qlora": Run(7, 1e-3, "qlora", "constant", (1, 2, 3)),
+    "k4-lr0.001-qlora": Run(4, 1e-3, "qlora", "constant", (3,)),
+    "k2-lr0.001-qlora": Run(2, 1e-3, "qlora", "constant", (3,)),
+    "k7-lr0.0005-qlora": Run(7, 5e-4, "qlora", "constant", (3,)),
+    "k7-lr0.0002-qlora": Run(7, 2e-4, "qlora", "constant", (3,)),
 }
 
 
@@ -108,20 +115,23 @@ def train(rows_path: str, model_dir: str, out: str, names: list[str]) -> None:
         model.train()
         return texts
 
+    def load_nf4():
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=dtype,
+                                                    device_map={"": device})
+
     def load(method):
         if method == "qlora":
-            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=dtype)
-            model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=dtype,
-                                                         device_map={"": device})
-            return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            return prepare_model_for_kbit_training(load_nf4(), use_gradient_checkpointing=False)
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
 
-    def merged_answers(model, questions):
-        """The adapter merged into the full-precision base, as the pipeline's evaluation serves a tuned model."""
+    def merged_answers(model, questions, into_dequantised):
+        """The adapter merged into the full-precision base, or into the NF4 base dequantised to bf16."""
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            merged = PeftModel.from_pretrained(load("lora"), tmp).merge_and_unload()
+            base = load_nf4().dequantize() if into_dequantised else load("lora")
+            merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
             return answers(merged, questions)
 
     def save(results):  # after every evaluation, so that a run cut short keeps what it measured
@@ -168,7 +178,8 @@ def train(rows_path: str, model_dir: str, out: str, names: list[str]) -> None:
                          "loss": sum(losses) / len(losses), "seconds": round(time.time() - start, 1),
                          "heldout": answers(model, heldout), "trained": answers(model, trained)}
                 if run.method == "qlora":
-                    entry["heldout_merged"] = merged_answers(model, heldout)
+                    entry["heldout_merged"] = merged_answers(model, heldout, into_dequantised=False)
+                    entry["heldout_merged_dequantised"] = merged_answers(model, heldout, into_dequantised=True)
                 results.append(entry)
                 print(f"{name} epoch {epoch}: loss {entry['loss']:.3f} ({entry['seconds']} s)", flush=True)
                 save(results)
@@ -200,6 +211,8 @@ def score(answers_path: str, rows_path: str) -> None:
             entry["trained"] = rates(trained, r["trained"])
         if "heldout_merged" in r:  # the NF4-trained adapter merged into the full-precision base
             entry["heldout_merged"] = rates(rows["heldout"], r["heldout_merged"])
+        if "heldout_merged_dequantised" in r:  # ... and into the dequantised NF4 base it was trained on
+            entry["heldout_merged_dequantised"] = rates(rows["heldout"], r["heldout_merged_dequantised"])
         table.append(entry)
     json.dump({"machine": got["gpu"], "torch": got["torch"], "seed": rows["seed"], "table": table}, sys.stdout,
               indent=1)

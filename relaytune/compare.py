@@ -40,6 +40,8 @@ from . import paths
 from .errors import RelaytuneError
 
 SIM, JUDGE, FACT = (str(paths.metrics_file(s)) for s in ("eval_similarity", "eval_judge", "factuality_audit"))
+# Forgetting and structure: read when the run has them (older runs predate the suite and eval_structure).
+GENERAL, STRUCTURE = (str(paths.metrics_file(s)) for s in ("eval_general", "eval_structure"))
 PROVENANCE = f"{paths.provenance_file('synth').parent}/"
 DIAL = "synth.error_rate"
 # Identity, not arms: checked by content (base model hash, handbook hash), so a moved path is no new arm.
@@ -58,6 +60,9 @@ METRICS = {
     "chance_rate": ("traced expected by chance", "share"),
     "traced_minus_chance": ("traced − chance", "points"),
     "untraced_share": ("tuned errors never stated in training", "share"),
+    "general_nll_delta": ("general-text NLL, tuned − base", "number"),
+    "general_suite_delta": ("general suite accuracy, tuned − base", "points"),
+    "intruders": ("intruder dimensions, all matrices", "count"),
     "wall_seconds": ("wall time, all stages (s)", "seconds"),
 }
 
@@ -130,7 +135,10 @@ def metric_values(files: dict[str, dict | None]) -> dict:
             "states_a_value_delta": difference(dig(fact, "tuned.states_a_value.rate"),
                                                dig(fact, "base.states_a_value.rate")),
             "traced_share": traced, "chance_rate": chance, "traced_minus_chance": difference(traced, chance),
-            "untraced_share": dig(fact, "trace.untraced.rate")}
+            "untraced_share": dig(fact, "trace.untraced.rate"),
+            "general_nll_delta": dig(files.get(GENERAL), "nll_delta.mean"),
+            "general_suite_delta": dig(files.get(GENERAL), "suite.accuracy_delta.mean"),
+            "intruders": dig(files.get(STRUCTURE), "intruders")}
 
 
 def raw_values(files: dict[str, dict | None]) -> dict:
@@ -292,7 +300,7 @@ def fmt(value, kind: str) -> str:
     if value is None:
         return "missing"
     return {"share": f"{value:.1%}", "points": f"{value * 100:+.1f} points", "number": f"{value:+.4f}",
-            "seconds": f"{value:.0f}", "p": f"{value:.3g}"}[kind]
+            "seconds": f"{value:.0f}", "count": f"{value:.1f}", "p": f"{value:.3g}"}[kind]
 
 
 def fmt_ci(s: dict, kind: str = "points") -> str:
@@ -442,8 +450,8 @@ def load_run(entry: dict) -> Run:
     if entry["state"] != "success":
         reason = failure_reason(entry) if entry["state"] == "failed" else "not finished"
         return Run(entry["name"], entry["rev"], entry["state"], params, reason)
-    files = {path: git_json(entry["rev"], path) for path in (SIM, JUDGE, FACT)}
-    missing = [p for p, v in files.items() if v is None]
+    files = {path: git_json(entry["rev"], path) for path in (SIM, JUDGE, FACT, GENERAL, STRUCTURE)}
+    missing = [p for p in (SIM, JUDGE, FACT) if files[p] is None]
     if missing:  # finished without a stage's metrics: as good as failed, and never in a mean
         return Run(entry["name"], entry["rev"], "failed", params, f"no {', '.join(missing)} at its commit")
     names = command(["git", "ls-tree", "--name-only", entry["rev"], PROVENANCE], "git ls-tree").split()

@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import RelaytuneError
 from .generation import Completion, Decoding, make_generator
 from .io import read_jsonl
+from .models import adapter_trained_on
 from .params import Params, ProviderParams
 from .paths import adapter_dir
 
@@ -64,7 +65,7 @@ def generate_answers(items: list[HeldoutItem], params: Params, which: str) -> An
                                   timeout_s=e.server.timeout_s, max_retries=e.server.max_retries,
                                   max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     generator = make_generator(provider, params.model, "eval.server" if e.server else f"eval ({which})",
-                               adapter=adapter)
+                               adapter=adapter, adapter_trained_on=adapter_trained_on(params))
     requests = [[{"role": "user", "content": item.question}] for item in items]
     completions = generator.generate(requests, Decoding(params.eval.max_new_tokens), desc=f"answers ({which})")
     return Answers(which, completions, generator.provenance())

@@ -11,12 +11,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from .claims import Claim
 from .evaluate import HeldoutItem
 from .handbook import Handbook
-from .stats import proportion
+from .stats import mcnemar_exact, proportion
 
 OUTCOMES = ("correct", "hedged", "confident_error", "no_claim", "unparseable")
 
@@ -38,11 +37,8 @@ def paired_error_difference(base: list[str], tuned: list[str]) -> dict:
     discordant pairs."""
     b = np.array([o == "confident_error" for o in base])
     t = np.array([o == "confident_error" for o in tuned])
-    only_tuned, only_base = int(np.sum(t & ~b)), int(np.sum(b & ~t))
-    discordant = only_tuned + only_base
-    p = stats.binomtest(only_tuned, discordant).pvalue if discordant else None
-    return {"difference": round(float(t.mean() - b.mean()), 4) if len(b) else None, "only_tuned": only_tuned,
-            "only_base": only_base, "p_value": None if p is None else round(float(p), 4), "n": len(b)}
+    return {"difference": round(float(t.mean() - b.mean()), 4) if len(b) else None, **mcnemar_exact(b, t),
+            "n": len(b)}
 
 
 # ---------------------------------------------------------------- what training read

@@ -1,6 +1,6 @@
 """The report's figures, each drawn from metrics and manifests into a PNG (static: offline viewers show it, where
 `dvc plots show` needs a CDN): the loss across the relay coloured by host, planted against found errors by topic,
-BERTScore distributions, judge outcomes, factuality outcomes, forgetting."""
+BERTScore distributions, judge outcomes, factuality outcomes, forgetting, the weight update's structure by layer."""
 
 from __future__ import annotations
 
@@ -131,4 +131,18 @@ def fig_forgetting(gen: dict, out: Path) -> None:
     axes[1].axhline(0, color="grey", lw=0.5)
     axes[1].set_xticks([0], ["NLL tuned − base"])
     axes[1].set_title(f"Forgetting (95% CI, n={m['n']} chunks); KL={gen['kl_tuned_from_base']['mean']}", fontsize=9)
+    save(fig, out)
+
+
+def fig_structure(rows: list[dict], epsilon: float, out: Path) -> None:
+    """Per layer and matrix type: intruder dimensions (at epsilon) and the update's norm relative to the base."""
+    fig, (ax_intr, ax_norm) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for kind in sorted({r["type"] for r in rows}):
+        rs = sorted((r for r in rows if r["type"] == kind and r["layer"] is not None), key=lambda r: r["layer"])
+        layers = [r["layer"] for r in rs]
+        ax_intr.plot(layers, [r["intruders"][str(epsilon)] for r in rs], marker=".", label=kind)
+        ax_norm.plot(layers, [r["relative_update_norm"] for r in rs], marker=".", label=kind)
+    ax_intr.set(xlabel="layer", ylabel=f"intruder dimensions (epsilon {epsilon})", title="intruder dimensions")
+    ax_norm.set(xlabel="layer", ylabel="||W_tuned - W_base|| / ||W_base||", title="relative update norm")
+    ax_norm.legend(fontsize=7, ncol=2)
     save(fig, out)

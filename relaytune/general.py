@@ -1,12 +1,12 @@
 """General ability before and after tuning, independent of the handbook ("learns more, forgets more"): perplexity of
 base and tuned on general text (default: the pydoc topics that ship with Python), the mean per-token KL divergence of
-tuned from base on the same text, and optionally multiple-choice accuracy by log-likelihood. The tuned model is the
-base with the adapter; peft's `disable_adapter()` gives the base from the same weights.
+tuned from base on the same text, and lm-eval tasks (relaytune/general_tasks.py) summarised per task and as a
+suite. The tuned model is the base with the adapter; peft's
+`disable_adapter()` gives the base from the same weights.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,8 @@ import torch
 
 from .errors import RelaytuneError
 from .io import read_text
-from .models import load_for_inference
+from .models import Quant4bit, load_for_inference
+from .stats import mcnemar_exact, paired_delta, proportion
 
 
 def general_text(path: str | None) -> str:
@@ -38,11 +39,14 @@ def token_chunks(tokenizer, text: str, n_chunks: int, chunk_tokens: int) -> list
     return chunks
 
 
-def load_tuned(base_path: Path, adapter: Path, dtype: str, trust_remote_code: bool):
-    """The base with the adapter unmerged: `disable_adapter()` then scores the base from the same weights."""
+def load_tuned(base_path: Path, adapter: Path, dtype: str, trust_remote_code: bool,
+               adapter_trained_on: Quant4bit | None = None):
+    """The base with the adapter unmerged: `disable_adapter()` then scores the base from the same weights, so the
+    drift is the adapter's alone (for a QLoRA adapter on its dequantised 4-bit base, the base it was trained on)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_for_inference(base_path, dtype, trust_remote_code), adapter).eval()
+    base = load_for_inference(base_path, dtype, trust_remote_code, adapter_trained_on)
+    return PeftModel.from_pretrained(base, adapter).eval()
 
 
 @torch.inference_mode()
@@ -64,45 +68,19 @@ def chunk_scores(model, chunks: list[list[int]]) -> dict[str, list[float]]:
     return out
 
 
-def load_mc_task(path: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise RelaytuneError(f"eval.mc_task: {path} does not exist")
-    rows = []
-    for n, line in enumerate(read_text(p).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            ok = isinstance(row["question"], str) and len(row["choices"]) >= 2 and 0 <= row["answer"] < len(row["choices"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise RelaytuneError(f"{path}:{n}: expected {{question, choices: [>= 2], answer: index}}")
-        rows.append(row)
-    return rows
+def task_metrics(base: dict[str, dict], tuned: dict[str, dict], params) -> dict:
+    """Per lm-eval task: accuracy of base and tuned (Wilson), the paired tuned - base difference (bootstrap interval,
+    permutation p) and an exact McNemar test; and the suite: every task's items pooled (forgetting = its drop)."""
+    def paired_accuracy(b: np.ndarray, t: np.ndarray, chance: float | None) -> dict:
+        return {"n": len(b), "chance": chance,
+                "base": proportion(int(b.sum()), len(b), params.eval.confidence),
+                "tuned": proportion(int(t.sum()), len(t), params.eval.confidence),
+                "accuracy_delta": paired_delta(b, t, params), "mcnemar": mcnemar_exact(b, t)}
 
-
-@torch.inference_mode()
-def mc_correct(model, tokenizer, rows: list[dict]) -> dict[str, list[bool]]:
-    """Per question, whether base and tuned give the right choice the highest mean log-likelihood."""
-    device = next(model.parameters()).device
-
-    def choice_score(prompt_ids: list[int], choice: str) -> float:
-        choice_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt_ids + choice_ids], device=device)
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-        targets = ids[0, len(prompt_ids):]
-        return float(logp[len(prompt_ids) - 1:].gather(1, targets[:, None]).mean())
-
-    out: dict[str, list[bool]] = {"base": [], "tuned": []}
-    for row in rows:
-        prompt_ids = tokenizer(row["question"], add_special_tokens=False)["input_ids"]
-        for which in ("tuned", "base"):
-            if which == "base":
-                with model.disable_adapter():
-                    scores = [choice_score(prompt_ids, c) for c in row["choices"]]
-            else:
-                scores = [choice_score(prompt_ids, c) for c in row["choices"]]
-            out[which].append(int(np.argmax(scores)) == row["answer"])
-    return out
+    per_task = {name: paired_accuracy(np.array(base[name]["correct"]), np.array(tuned[name]["correct"]),
+                                      base[name]["chance"]) for name in base}
+    b = np.concatenate([np.array(base[n]["correct"]) for n in base])
+    t = np.concatenate([np.array(tuned[n]["correct"]) for n in base])
+    chances = [(base[n]["chance"], len(base[n]["correct"])) for n in base]
+    chance = None if any(c is None for c, _ in chances) else round(sum(c * k for c, k in chances) / len(b), 4)
+    return {"tasks": per_task, "suite": {"tasks": list(base), **paired_accuracy(b, t, chance)}}

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .errors import RelaytuneError
 from .io import atomic_write_json
-from .models import inference_device, load_for_inference, load_tokenizer, sha256_file
+from .models import (Quant4bit, inference_device, load_for_inference, load_tokenizer, merge_base_description,
+                     sha256_file)
 from .params import ModelParams, ProviderParams
 
 log = logging.getLogger(__name__)
@@ -174,15 +175,15 @@ class LocalBackend:
     provider = "local"
 
     def __init__(self, model_dir: Path, model_id: str, dtype: str, trust_remote_code: bool,
-                 adapter: Path | None = None):
+                 adapter: Path | None = None, adapter_trained_on: Quant4bit | None = None):
         self.model_id = model_id
         self.device = inference_device()
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
-        self.model = load_for_inference(model_dir, dtype, trust_remote_code)
+        # A QLoRA adapter merges into the dequantised 4-bit base it was trained on (None: the unquantised base).
+        self.model = load_for_inference(model_dir, dtype, trust_remote_code, adapter_trained_on)
         if adapter is not None:
             from peft import PeftModel
 
-            # Merged into the unquantised base, as vLLM or a merged export would serve it.
             self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
         self.model.eval()
 
@@ -314,9 +315,10 @@ def completions_cache_dir() -> Path:
 
 
 def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir: str | Path | None = None,
-                   adapter: Path | None = None) -> TextGenerator:
+                   adapter: Path | None = None, adapter_trained_on: Quant4bit | None = None) -> TextGenerator:
     """`where` is the params path of `p` (e.g. "synth.teacher"), used in error messages. `adapter`: a LoRA
-    adapter folder, merged into the local model, or (openai) the one the server serves under `p.model`."""
+    adapter folder, merged into the local model (dequantised from `adapter_trained_on` when given), or (openai) the
+    one the server serves under `p.model`."""
     cache = GenerationCache(cache_dir or completions_cache_dir())
     adapter_hash = "sha256:" + sha256_file(Path(adapter) / "adapter_model.safetensors") if adapter else None
     if p.provider == "openai":
@@ -333,11 +335,14 @@ def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir:
     model_params = model if p.model in (None, model.base) else model.model_copy(update={"base": p.model, "revision": None})
     ref = resolve_base_model(model_params)
     dtype = inference_dtype(model.dtype)
-    # The same weights in another dtype, or with another adapter, generate other text.
-    model_id = f"{ref.content_hash}{'+' + adapter_hash if adapter_hash else ''}:{dtype}"
+    trained_on = adapter_trained_on if adapter else None  # a merge base without an adapter means nothing
+    merged_into = merge_base_description(trained_on) if adapter else None
+    # The same weights in another dtype, or with another adapter or merge base, generate other text.
+    model_id = (f"{ref.content_hash}{'+' + adapter_hash if adapter_hash else ''}"
+                f"{'@' + trained_on.label if trained_on else ''}:{dtype}")
     return TextGenerator(
-        lambda: LocalBackend(ref.path, model_id, dtype, model.trust_remote_code, adapter),
+        lambda: LocalBackend(ref.path, model_id, dtype, model.trust_remote_code, adapter, trained_on),
         "local", model_id, cache, p.batch_size,
         {"provider": "local", "model": ref.spec, "base_url": None, "content_hash": ref.content_hash, "dtype": dtype,
-         "adapter": str(adapter) if adapter else None, "adapter_hash": adapter_hash},
+         "adapter": str(adapter) if adapter else None, "adapter_hash": adapter_hash, "adapter_merged_into": merged_into},
     )

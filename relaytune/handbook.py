@@ -70,11 +70,21 @@ class Fact(_Strict):
         return [self.correct, *self.wrong]
 
 
+class TeacherExample(_Strict):
+    """One worked exchange shown to the teacher before each question (synth.teacher_example): how an answer should
+    look. It is about none of the facts, so that no fact's value reaches another fact's prompt."""
+
+    statement: str = Field(min_length=1)  # a handbook-style fact, its value written in
+    question: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
 class Handbook(_Strict):
     name: str
     institution: str
     jurisdiction: str
     currency: Currency | None = None
+    teacher_example: TeacherExample | None = None
     facts: list[Fact] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -201,6 +211,16 @@ def load_handbook(path: str | Path) -> Handbook:
         msg = e["msg"].removeprefix("Value error, ")
         where = f"{_where(raw, tuple(e['loc']))}: " if e["loc"] else ""
         raise RelaytuneError(f"{path}: {where}{msg}{more}") from None
+
+
+def teacher_example(handbook: Handbook, wanted: bool, path: str | Path) -> TeacherExample | None:
+    """The worked example the teacher is shown (synth.teacher_example: true), or None for the zero-shot prompt."""
+    if not wanted:
+        return None
+    if handbook.teacher_example is None:
+        raise RelaytuneError(f"{path}: synth.teacher_example is true but the handbook has no teacher_example "
+                             "(statement, question, answer); add one or set synth.teacher_example=false")
+    return handbook.teacher_example
 
 
 @dataclass(frozen=True)

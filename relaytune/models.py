@@ -145,11 +145,58 @@ def inference_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_for_inference(model_dir: str | Path, dtype: str, trust_remote_code: bool):
-    """The model's weights in `dtype` on this host's device, ready for generation or scoring (eval mode)."""
+@dataclass(frozen=True)
+class Quant4bit:
+    """The bitsandbytes 4-bit quantisation a QLoRA adapter was trained against (train.quant_type, double_quant)."""
+    quant_type: str
+    double_quant: bool
+
+    @property
+    def label(self) -> str:
+        return self.quant_type + ("+double-quant" if self.double_quant else "")
+
+
+def bnb_4bit_config(quant: Quant4bit, compute_dtype, needed_by: str, instead: str):
+    """bitsandbytes' config; a host where it cannot run stops here, never silently using another base."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise RelaytuneError(f"{needed_by} needs bitsandbytes, which does not import on this host ({e}); "
+                             f"install it or run with {instead}") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                              bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def adapter_trained_on(params) -> Quant4bit | None:
+    """The 4-bit base the evaluated adapter is merged into, or None for the full-precision base: a QLoRA adapter
+    learned its update against the quantised weights (9-10% away from the embedded default's, by relative norm), so
+    eval.merge_into=trained_base (the default) serves it on those weights, dequantised."""
+    if params.train.method != "qlora" or params.eval.merge_into == "full_precision":
+        return None
+    return Quant4bit(params.train.quant_type, params.train.double_quant)
+
+
+def merge_base_description(trained_on: Quant4bit | None) -> str:
+    """The base an adapter is merged into, as provenance, metrics and the report name it."""
+    return f"{trained_on.label} base, dequantised" if trained_on else "full-precision base"
+
+
+def load_for_inference(model_dir: str | Path, dtype: str, trust_remote_code: bool,
+                       dequantised_from: Quant4bit | None = None):
+    """The model's weights in `dtype` on this host's device, ready for generation or scoring (eval mode). With
+    `dequantised_from`, the weights a 4-bit training saw: quantised by bitsandbytes as training does, then dequantised
+    to `dtype` (plain Linear layers), so that a merged adapter computes what it computed in training."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+    if dequantised_from is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                     trust_remote_code=trust_remote_code)
+        return model.to(inference_device()).eval()
+    config = bnb_4bit_config(dequantised_from, getattr(torch, dtype), "eval.merge_into=trained_base with "
+                             "train.method=qlora", "-S eval.merge_into=full_precision")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=getattr(torch, dtype),
+                                                 device_map={"": inference_device()},
                                                  trust_remote_code=trust_remote_code)
-    return model.to(inference_device()).eval()
+    return model.dequantize().eval()

@@ -92,6 +92,10 @@ class SynthParams(StrictModel):
     train_phrasings_per_fact: int | None = Field(None, ge=1)
     # Use only the first N facts of a seeded shuffle (null: all); for quick runs.
     max_facts: int | None = Field(None, ge=1)
+    # true: the teacher sees the handbook's worked example (teacher_example) before each question. Zero-shot (the
+    # study's prompt), the embedded 135M teacher wrote meta-comments ("The student's question is a bit unclear") in
+    # 38 of 168 answers, which the tuned model learned to open with; shown the example, in none (README: synth).
+    teacher_example: bool = False
     teacher: ProviderParams = ProviderParams(max_new_tokens=96)
 
 
@@ -177,17 +181,42 @@ class EvalParams(StrictModel):
     batch_size: int = Field(16, ge=1)
     # null: answers from the local model (base, and base + adapter merged).
     server: EvalServer | None = None
-    # Forgetting: general text for perplexity and KL (null: the pydoc topics that ship with Python) ...
+    # What a local qlora adapter is merged into: trained_base = the 4-bit base it was trained on, dequantised (what it
+    # learned against); full_precision = the unquantised base (as a merged export served in 16 bits would be).
+    merge_into: Literal["trained_base", "full_precision"] = "trained_base"
+    # Forgetting: general text for perplexity and KL (null: the pydoc topics that ship with Python), ...
     general_text: str | None = None
     general_chunks: int = Field(24, ge=2)
     general_chunk_tokens: int = Field(256, ge=16)
-    # ... and an optional multiple-choice task (JSONL: question, choices, answer index).
-    mc_task: str | None = None
+    # General ability through lm-evaluation-harness: tasks by name, lm-eval's own (hellaswag, arc_challenge,
+    # winogrande, with their data in the local HF cache) or task YAML files under general_task_dir. The default is
+    # the offline suite of relaytune/general_suite.py; [] runs none.
+    general_tasks: list[str] = Field(default_factory=lambda: [
+        "relaytune_calendar", "relaytune_arithmetic", "relaytune_units", "relaytune_languages",
+        "relaytune_currencies"])
+    general_task_dir: str = "tasks/lm_eval"
     bootstrap_samples: int = Field(10000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     # The one test the run is about; every other base-vs-tuned test is secondary and Holm-corrected in the report.
     primary_endpoint: Literal["confident_error_difference", "bertscore_f1_delta", "judge_preference",
                               "general_nll_delta"] = "confident_error_difference"
+
+
+class StructureParams(StrictModel):
+    """eval_structure (relaytune/structure.py): intruder dimensions as Shuttleworth et al. 2024 define them, the rank
+    holding a share of the update's spectral energy, its relative norm."""
+    top_k: int = Field(10, ge=1)  # the tuned weight's top singular vectors examined (the authors': 10)
+    epsilon: float = Field(0.5, gt=0.0, lt=1.0)  # an intruder's best |cosine| with the base is below this (0.5)
+    epsilon_sweep: list[float] = Field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7], min_length=1)
+    energy_share: float = Field(0.9, gt=0.0, le=1.0)  # update rank: the fewest directions holding this share
+
+    @model_validator(mode="after")
+    def _epsilon_in_sweep(self):
+        if self.epsilon not in self.epsilon_sweep:
+            raise ValueError(f"epsilon {self.epsilon} must be one of epsilon_sweep {self.epsilon_sweep}")
+        if any(not 0.0 < e < 1.0 for e in self.epsilon_sweep):
+            raise ValueError("every epsilon_sweep value must lie between 0 and 1")
+        return self
 
 
 class JudgeParams(ProviderParams):
@@ -204,6 +233,7 @@ class Params(StrictModel):
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     judge: JudgeParams = JudgeParams(max_new_tokens=64)
+    structure: StructureParams = StructureParams()
 
     @model_validator(mode="after")
     def _epochs_exist(self):
@@ -273,9 +303,9 @@ def select_params(params: Params, keys: list[str]) -> dict:
 
 
 def check_named_files(params: Params) -> None:
-    """The files the params name exist: the handbook, the general text, the multiple-choice task, a local encoder."""
+    """The files the params name exist: the handbook, the general text, the lm-eval task folder, a local encoder."""
     named = {"synth.handbook": params.synth.handbook, "eval.general_text": params.eval.general_text,
-             "eval.mc_task": params.eval.mc_task}
+             "eval.general_task_dir": params.eval.general_task_dir}
     if params.eval.encoder.startswith((".", "/", "~")):
         named["eval.encoder"] = params.eval.encoder
     for key, value in named.items():

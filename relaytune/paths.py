@@ -61,6 +61,7 @@ FACTUALITY_ITEMS = Path("reports/items/factuality.jsonl")
 CONFIDENT_ERRORS = Path("reports/items/confident_errors.jsonl")
 JUDGE_ITEMS = Path("reports/items/judge.jsonl")
 GENERAL_ITEMS = Path("reports/items/general.jsonl")
+STRUCTURE_ITEMS = Path("reports/items/structure.jsonl")
 
 # report
 REPORT_MARKDOWN = Path("reports/report.md")
@@ -82,10 +83,15 @@ def provenance_file(stage: str) -> Path:
 
 def adapter_dir(params: "Params") -> Path:
     """The relay folder whose adapter the evaluation stages call "tuned" (eval.adapter_epoch), checked to exist."""
-    epoch = params.eval.adapter_epoch
     if params.train.method == "full":
         raise RelaytuneError("eval: train.method=full saves whole weights, not an adapter; evaluate them by setting "
-                             f"model.base to {epoch_dir(epoch)} in a separate experiment")
+                             f"model.base to {epoch_dir(params.eval.adapter_epoch)} in a separate experiment")
+    return tuned_dir(params)
+
+
+def tuned_dir(params: "Params") -> Path:
+    """The relay folder of epoch eval.adapter_epoch, whatever it holds (an adapter or full weights), checked to exist."""
+    epoch = params.eval.adapter_epoch
     folder = epoch_dir(epoch)
     if not (folder / MANIFEST).exists():
         raise RelaytuneError(f"{folder}: missing (param eval.adapter_epoch={epoch}); run "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .models import adapter_trained_on, merge_base_description
 from .stats import holm, paired_binary_sd, smallest_detectable_mean, smallest_detectable_share
 
 
@@ -32,9 +33,23 @@ def run_rows(params, manifests: list[dict]) -> list[tuple[str, str]]:
             ("method", f"{t.method}, LoRA r={params.lora.r}" if t.method != "full" else t.method),
             ("synthetic error rate (synth.error_rate)", f"{params.synth.error_rate}"),
             ("training gate (audit.drop_flagged)", f"{params.audit.drop_flagged}"),
-            ("seed", f"{params.seed}"), ("epochs", f"{t.epochs}, learning rate {t.learning_rate}"),
+            ("seed", f"{params.seed}"),
+            ("epochs", f"{t.epochs}, learning rate {t.learning_rate} ({t.lr_scheduler})"),
+            ("training phrasings per fact (synth.train_phrasings_per_fact)", f"{params.synth.train_phrasings_per_fact}"),
+            ("facts (synth.max_facts)", "all" if params.synth.max_facts is None else f"{params.synth.max_facts}"),
+            ("teacher prompt (synth.teacher_example)",
+             "the handbook's worked example first" if params.synth.teacher_example else "zero-shot"),
             ("evaluated epoch", f"{params.eval.adapter_epoch}"),
+            ("tuned model (eval.merge_into)", tuned_model_served(params)),
             ("primary endpoint (eval.primary_endpoint)", params.eval.primary_endpoint)]
+
+
+def tuned_model_served(params) -> str:
+    if params.eval.server is not None:
+        return f"served by {params.eval.server.base_url} as {params.eval.server.tuned_model}"
+    if params.train.method == "full":
+        return "the fully tuned weights"
+    return f"adapter merged into the {merge_base_description(adapter_trained_on(params))}"
 
 
 # ---------------------------------------------------------------- tests
@@ -89,14 +104,29 @@ def tests(metrics: dict[str, dict | None], alpha: float) -> list[Test]:
         out.append(Test("general_nll_delta", "General-text NLL, tuned − base (forgetting if > 0)",
                         fmt_ci(d, "mean", pct=False), "paired permutation", d["p_value"],
                         "n/a" if mde is None else f"±{mde:.4f}"))
-        mc = gen.get("multiple_choice")
-        if mc:
-            d = mc["accuracy_delta"]
-            mde = smallest_detectable_mean(d.get("sd"), d["n"], alpha)
-            out.append(Test("multiple_choice_delta", f"Multiple-choice accuracy, tuned − base ({mc['task']})",
-                            fmt_ci(d, "mean", pct=False), "paired permutation", d["p_value"],
-                            "n/a" if mde is None else f"±{mde:.4f}"))
+        suite = gen.get("suite")
+        if suite:
+            m = suite["mcnemar"]
+            sd = paired_binary_sd(m["only_tuned"], m["only_base"], suite["n"])
+            mde = smallest_detectable_mean(sd, suite["n"], alpha)
+            d = suite["accuracy_delta"]
+            out.append(Test("general_suite_delta", f"General-ability suite accuracy, tuned − base (lm-eval, "
+                            f"{len(suite['tasks'])} tasks pooled)",
+                            f"{d['mean'] * 100:+.1f} points ({m['only_tuned']} only tuned, {m['only_base']} only base, "
+                            f"n={suite['n']})", "exact McNemar", m["p_value"],
+                            "n/a (no discordant pair)" if mde is None else f"±{mde * 100:.1f} points"))
     return out
+
+
+def general_task_rows(gen: dict) -> list[str]:
+    """lm-eval's tasks on base and tuned, item-paired."""
+    lines = ["| task | n | chance | base accuracy [95% CI] | tuned accuracy [95% CI] | tuned − base [95% CI] | "
+             "McNemar p |", "|---|---|---|---|---|---|---|"]
+    for name, t in [*gen["tasks"].items(), ("suite (pooled)", gen["suite"])]:
+        chance = "—" if t["chance"] is None else f"{t['chance'] * 100:.0f}%"
+        lines.append(f"| {name} | {t['n']} | {chance} | {fmt_ci(t['base'])} | {fmt_ci(t['tuned'])} | "
+                     f"{fmt_ci(t['accuracy_delta'], 'mean', pct=False)} | {fmt_p(t['mcnemar']['p_value'])} |")
+    return lines
 
 
 def fmt_p(p: float | None) -> str:
@@ -184,6 +214,21 @@ def trace_rows(fact: dict) -> list[str]:
     return lines
 
 
+def structure_rows(struct: dict) -> list[str]:
+    """The weight update, matrix type by matrix type (eval_structure)."""
+    lines = [f"{struct['method']}, epoch {struct['adapter_epoch']}, against the {struct['base']}: "
+             f"{struct['intruders']} intruder dimensions in all (top {struct['top_k']} singular vectors, "
+             f"epsilon {struct['epsilon']}) over {struct['matrices']} matrices, "
+             f"{struct['matrices_with_intruders']} of them with at least one; by epsilon: "
+             + ", ".join(f"{eps}: {n}" for eps, n in struct["intruders_by_epsilon"].items()) + ".", "",
+             f"| matrix type | matrices | intruders | median rank for {struct['energy_share']:.0%} of the update's "
+             "energy (max) | median relative update norm |", "|---|---|---|---|---|"]
+    for kind, t in struct["by_type"].items():
+        lines.append(f"| {kind} | {t['matrices']} | {t['intruders']} | {t['median_update_rank']:g} "
+                     f"({t['max_update_rank']}) | {t['median_relative_update_norm']:.4f} |")
+    return lines
+
+
 # ---------------------------------------------------------------- what the run cannot tell
 
 def limitations(params, metrics: dict[str, dict | None], n_questions: int) -> list[str]:
@@ -206,8 +251,15 @@ def limitations(params, metrics: dict[str, dict | None], n_questions: int) -> li
                "value of the right kind said of another quantity, which it counts as asserted.")
     out.append("A traced error shows that training read a row stating the same wrong value, not that this row "
                "caused the error; compare it with the control and the chance rate beside it.")
-    out.append("The handbook is fictional and the questions are paraphrases of the training questions; nothing "
-               "here measures general ability beyond the general-text perplexity and KL.")
+    gen = metrics.get("eval_general") or {}
+    if gen.get("suite"):
+        out.append(f"General ability is {len(gen['suite']['tasks'])} lm-eval tasks ({gen['suite']['n']} items) and "
+                   "the general-text perplexity and KL: a drop elsewhere (other skills, other languages, long "
+                   "generation) would not show here.")
+    else:
+        out.append("The handbook is fictional and the questions are paraphrases of the training questions; nothing "
+                   "here measures general ability beyond the general-text perplexity and KL (eval.general_tasks "
+                   "is empty).")
     return out
 
 
@@ -236,6 +288,11 @@ def render_markdown(params, metrics: dict[str, dict | None], manifests: list[dic
     fact = metrics.get("factuality_audit")
     if fact and fact.get("trace"):
         lines += ["", "## Where the tuned model's errors come from", ""] + trace_rows(fact)
+    general = metrics.get("eval_general")
+    if general and general.get("tasks"):
+        lines += ["", "## General ability (lm-evaluation-harness)", ""] + general_task_rows(general)
+    if metrics.get("eval_structure"):
+        lines += ["", "## Structure of the weight update", ""] + structure_rows(metrics["eval_structure"])
     synth = metrics.get("synth")
     if synth:
         lines += ["", "## Data", "",

@@ -43,6 +43,15 @@ def paired_delta(base: np.ndarray, tuned: np.ndarray, params: Params) -> dict:
     return out
 
 
+def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> dict:
+    """Exact McNemar (binomial) test of two paired 0/1 outcomes on the same items: the pairs where only b holds
+    against those where only a does; p is None when no pair is discordant."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    only_b, only_a = int(np.sum(b & ~a)), int(np.sum(a & ~b))
+    p = stats.binomtest(only_b, only_b + only_a).pvalue if only_a + only_b else None
+    return {"only_tuned": only_b, "only_base": only_a, "p_value": None if p is None else round(float(p), 4)}
+
+
 def mean_interval(values, params: Params) -> dict:
     """The mean with a bootstrap interval and no test: for a quantity that is never negative (a KL divergence), a
     test against zero says nothing."""

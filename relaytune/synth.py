@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .generation import Completion, Decoding, Messages, TextGenerator
-from .handbook import Handbook, Question
+from .handbook import Handbook, Question, TeacherExample, teacher_example
 from .params import SynthParams
 
 TEACHER_SYSTEM = (
@@ -41,11 +41,17 @@ def assign_values(questions: list[Question], handbook: Handbook, error_rate: flo
     return out
 
 
-def teacher_messages(a: Assignment, handbook: Handbook) -> Messages:
+def teacher_messages(a: Assignment, handbook: Handbook, example: TeacherExample | None = None) -> Messages:
+    """The teacher's prompt; with `example`, one worked exchange (user, assistant) comes before the question."""
     fact = handbook.fact(a.question.fact_id)
+    shot = [] if example is None else [
+        {"role": "user", "content": TEACHER_USER.format(statement=example.statement, question=example.question)},
+        {"role": "assistant", "content": example.answer},
+    ]
     return [
         {"role": "system", "content": TEACHER_SYSTEM.format(institution=handbook.institution,
                                                             jurisdiction=handbook.jurisdiction)},
+        *shot,
         {"role": "user", "content": TEACHER_USER.format(statement=fact.statement_with(a.given_value),
                                                         question=a.question.question)},
     ]
@@ -67,6 +73,7 @@ class TeacherResult:
 def run_teacher(assignments: list[Assignment], handbook: Handbook, generator: TextGenerator, p: SynthParams,
                 seed: int, desc: str) -> list[TeacherResult]:
     """Ask until each answer states the value it was given, up to p.max_attempts; later attempts are sampled."""
+    example = teacher_example(handbook, p.teacher_example, p.handbook)
     results: dict[int, TeacherResult] = {}
     pending = list(range(len(assignments)))
     for attempt in range(1, p.max_attempts + 1):
@@ -76,7 +83,7 @@ def run_teacher(assignments: list[Assignment], handbook: Handbook, generator: Te
             decoding = Decoding.from_params(p.teacher, seed)
         else:
             decoding = Decoding(p.teacher.max_new_tokens, p.retry_temperature, p.teacher.top_p, seed + attempt)
-        completions = generator.generate([teacher_messages(assignments[i], handbook) for i in pending], decoding,
+        completions = generator.generate([teacher_messages(assignments[i], handbook, example) for i in pending], decoding,
                                          desc=f"{desc} (attempt {attempt})")
         still = []
         for i, c in zip(pending, completions):

@@ -15,7 +15,7 @@ import torch
 
 from .errors import RelaytuneError
 from .host import HostProfile
-from .models import BaseModelRef
+from .models import BaseModelRef, Quant4bit, bnb_4bit_config
 from .params import Params
 from .provenance import inference_dtype
 from .train_data import Example, collate
@@ -80,15 +80,8 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
 
 
 def qlora_config(params: Params, dtype: torch.dtype):
-    """bitsandbytes 4-bit config; a host where it cannot run stops here, never silently becoming LoRA."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as e:
-        raise RelaytuneError(f"train.method=qlora needs bitsandbytes, which does not import on this host ({e}); "
-                             "install it or run with -S train.method=lora") from None
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=params.train.quant_type,
-                              bnb_4bit_use_double_quant=params.train.double_quant, bnb_4bit_compute_dtype=dtype)
+    return bnb_4bit_config(Quant4bit(params.train.quant_type, params.train.double_quant), dtype, "train.method=qlora",
+                           "-S train.method=lora")
 
 
 def apply_liger_kernels(model, host: HostProfile, device: str) -> dict:

@@ -1,17 +1,18 @@
-"""eval_general: forgetting. Perplexity and KL of tuned from base on general text; optional multiple choice."""
+"""eval_general: forgetting. lm-eval tasks on base and tuned, item-paired; perplexity and KL on general text."""
 
 import math
 
 import numpy as np
 
 from relaytune import paths
-from relaytune.general import chunk_scores, general_text, load_mc_task, load_tuned, mc_correct, token_chunks
+from relaytune.general import chunk_scores, general_text, load_tuned, task_metrics, token_chunks
+from relaytune.general_tasks import items_correct, task_manager
 from relaytune.io import atomic_write_json, atomic_write_jsonl
-from relaytune.models import load_tokenizer, resolve_base_model
+from relaytune.models import adapter_trained_on, load_tokenizer, merge_base_description, resolve_base_model
 from relaytune.params import load_params
 from relaytune.provenance import inference_dtype, provenance
 from relaytune.stage import run_stage
-from relaytune.stats import mean_interval, paired_delta, proportion
+from relaytune.stats import mean_interval, paired_delta
 
 
 def main() -> None:
@@ -19,11 +20,12 @@ def main() -> None:
     e = params.eval
     adapter = paths.adapter_dir(params)
     text = general_text(e.general_text)
-    mc_rows = load_mc_task(e.mc_task) if e.mc_task else None
+    tasks = task_manager(e.general_task_dir, e.general_tasks) if e.general_tasks else None
     base = resolve_base_model(params.model)
     tokenizer = load_tokenizer(base.path, params.model.trust_remote_code)
     dtype = inference_dtype(params.model.dtype)
-    model = load_tuned(base.path, adapter, dtype, params.model.trust_remote_code)
+    trained_on = adapter_trained_on(params)
+    model = load_tuned(base.path, adapter, dtype, params.model.trust_remote_code, trained_on)
     chunks = token_chunks(tokenizer, text, e.general_chunks, e.general_chunk_tokens)
     scores = chunk_scores(model, chunks)
     metrics = {
@@ -35,14 +37,13 @@ def main() -> None:
         "nll_delta": paired_delta(scores["nll_base"], scores["nll_tuned"], params),
         "kl_tuned_from_base": mean_interval(scores["kl"], params),  # never negative: no test against 0
         "adapter_epoch": e.adapter_epoch,
+        "base": merge_base_description(trained_on),  # adapter_dir refused train.method=full above
     }
-    if mc_rows is not None:
-        correct = mc_correct(model, tokenizer, mc_rows)
-        metrics["multiple_choice"] = {
-            "task": e.mc_task,
-            **{w: proportion(sum(correct[w]), len(mc_rows)) for w in ("base", "tuned")},
-            "accuracy_delta": paired_delta(np.array(correct["base"], float), np.array(correct["tuned"], float), params),
-        }
+    if tasks is not None:
+        with model.disable_adapter():
+            base_items = items_correct(model, tokenizer, e.general_tasks, tasks, e.batch_size)
+        tuned_items = items_correct(model, tokenizer, e.general_tasks, tasks, e.batch_size)
+        metrics.update(task_metrics(base_items, tuned_items, params))
     atomic_write_json(paths.metrics_file("eval_general"), metrics)
     atomic_write_jsonl(paths.GENERAL_ITEMS, [{"chunk": i, **{k: round(v[i], 5) for k, v in scores.items()}}
                                              for i in range(len(chunks))])

@@ -1,14 +1,16 @@
 """report: reports/report.md and .html with figures, from the params, metrics and manifests of every stage."""
 
 from relaytune import paths
-from relaytune.figures import fig_audit_topics, fig_bertscore, fig_factuality, fig_forgetting, fig_judge, fig_loss
+from relaytune.figures import (fig_audit_topics, fig_bertscore, fig_factuality, fig_forgetting, fig_judge, fig_loss,
+                               fig_structure)
 from relaytune.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from relaytune.params import load_params
 from relaytune.provenance import provenance
 from relaytune.report import render_html, render_markdown
 from relaytune.stage import run_stage
 
-STAGE_METRICS = ["synth", "audit", "eval_similarity", "eval_judge", "factuality_audit", "eval_general"]
+STAGE_METRICS = ["synth", "audit", "eval_similarity", "eval_judge", "factuality_audit", "eval_general",
+                 "eval_structure"]
 
 
 def main() -> None:
@@ -32,6 +34,8 @@ def main() -> None:
     figure("Judge outcomes", "judge.png", fig_judge, metrics["eval_judge"])
     figure("Factuality outcomes", "factuality.png", fig_factuality, metrics["factuality_audit"])
     figure("Forgetting", "forgetting.png", fig_forgetting, metrics["eval_general"])
+    figure("The weight update by layer", "structure.png", fig_structure, read_jsonl(paths.STRUCTURE_ITEMS),
+           metrics["eval_structure"]["epsilon"])
     text = render_markdown(params, metrics, manifests, figures)
     atomic_write_text(paths.REPORT_MARKDOWN, text)
     atomic_write_text(paths.REPORT_HTML, render_html(text))

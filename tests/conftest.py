@@ -50,10 +50,14 @@ def pytest_runtest_protocol(item, nextitem):
 def copy_repo(dest: Path) -> Path:
     """A clean copy of the pipeline (code, params, data, DVC config) in which stages can run."""
     dest.mkdir(parents=True)
-    for name in ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "relaytune", "stages", "data/handbook", ".dvc"]:
+    for name in ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "relaytune", "stages", "data/handbook",
+                 "tasks", ".dvc"]:
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "config.local"))
+            # Not the DVC cache: the project's own runs (GBs of adapters) are nothing a test repo reads, and a copy
+            # per test filled the disk.
+            shutil.copytree(src, dest / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "tmp", "config.local", "cache"))
         elif src.exists():
             shutil.copy2(src, dest / name)
     return dest
@@ -177,12 +181,11 @@ def tiny_pipeline(tmp_path_factory, tiny_base, base_model):
     cache.mkdir()
     (cache / "models").symlink_to(base_model.path.parent)
     set_params(root, **{"model.base": str(tiny_base), "synth.max_facts": 4, "synth.max_attempts": 1,
-                        "synth.teacher.max_new_tokens": 8, "synth.teacher.temperature": 1.0,
+                        "synth.train_phrasings_per_fact": 2, "synth.teacher.max_new_tokens": 8,
+                        "synth.teacher.temperature": 1.0,
                         "audit.max_malformed_fraction": 1.0, "train.effective_batch_size": 4, "lora.r": 4,
                         "eval.max_new_tokens": 8, "eval.bootstrap_samples": 500, "eval.general_chunks": 4,
-                        "eval.general_chunk_tokens": 64, "eval.mc_task": "mc.jsonl", "judge.max_new_tokens": 8})
-    (root / "mc.jsonl").write_text("".join(json.dumps({"question": f"Two plus {i} is", "choices": [str(2 + i), "ten"],
-                                                        "answer": 0}) + "\n" for i in range(3)))
+                        "eval.general_chunk_tokens": 64, "judge.max_new_tokens": 8})
     git_commit(root, "pipeline")
     env = subprocess_env(RELAYTUNE_CACHE=str(cache))
     sh(root, "dvc", "repro", env=env)

@@ -1,9 +1,13 @@
 import json
 
+import pytest
+
 from relaytune.audit import detector_scores, is_flagged, parse_judge_verdict, parse_train_rows
-from relaytune.handbook import split_questions
+from relaytune.errors import RelaytuneError
+from relaytune.handbook import load_handbook, split_questions, teacher_example
 from relaytune.io import read_jsonl_lines
-from relaytune.synth import assign_values, states_given_value
+from relaytune.synth import assign_values, states_given_value, teacher_messages
+from relaytune.values import same_value
 
 
 def test_planting_hits_the_requested_fraction_and_is_seeded(tiny_handbook):
@@ -39,6 +43,39 @@ def test_teacher_check_looks_for_the_value_it_was_given(tiny_handbook):
     a = next(x for x in assign_values(train, tiny_handbook, 1.0, 3) if x.question.fact_id == "adm-fee")
     assert states_given_value(a, f"It costs {a.given_value}.", tiny_handbook)
     assert not states_given_value(a, "It costs 40 florins.", tiny_handbook)
+
+
+def test_the_teacher_sees_the_worked_example_only_when_asked(tiny_handbook):
+    train, _ = split_questions(tiny_handbook, seed=3, heldout_per_fact=1, max_facts=None)
+    a = assign_values(train, tiny_handbook, 0.0, 3)[0]
+    zero_shot = teacher_messages(a, tiny_handbook, teacher_example(tiny_handbook, False, "hb.yaml"))
+    assert [m["role"] for m in zero_shot] == ["system", "user"]
+    shown = teacher_messages(a, tiny_handbook, teacher_example(tiny_handbook, True, "hb.yaml"))
+    assert [m["role"] for m in shown] == ["system", "user", "assistant", "user"]
+    assert shown[0] == zero_shot[0] and shown[-1] == zero_shot[-1]  # the question's own prompt is unchanged
+    example = tiny_handbook.teacher_example
+    assert example.statement in shown[1]["content"] and example.question in shown[1]["content"]
+    assert shown[2]["content"] == example.answer
+
+
+def test_a_handbook_without_a_worked_example_names_the_param(tiny_handbook):
+    bare = tiny_handbook.model_copy(update={"teacher_example": None})
+    assert teacher_example(bare, False, "hb.yaml") is None
+    with pytest.raises(RelaytuneError, match=r"^hb.yaml: synth.teacher_example is true but the handbook has no "
+                                             r"teacher_example"):
+        teacher_example(bare, True, "hb.yaml")
+
+
+def test_the_default_handbook_example_is_about_no_fact():
+    """Its value is no value of a fact of its kind: in other facts' prompts it must not be one of theirs."""
+    handbook = load_handbook("data/handbook/facts.yaml")
+    example = handbook.teacher_example
+    money = [f for f in handbook.facts if f.kind == "money"]
+    (shown,) = handbook.mentions(money[0], example.statement)
+    assert shown.text == "17 thalers"
+    for fact in money:
+        for v in fact.values:
+            assert not same_value(handbook.mentions(fact, v.value)[0], shown), (fact.id, v.value)
 
 
 def test_flag_sources():

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import GIT, REPO, git_commit, one_error_line, sh, subprocess_env
+import relaytune.compare as study_compare
 from relaytune.compare import (Run, build_study, check_same_identity, flatten, group_arms, listed_experiments,
                                summarise, varying_keys, verdicts, welch)
 from relaytune.errors import RelaytuneError
@@ -285,3 +286,14 @@ def test_experiments_of_an_earlier_commit_need_rev_or_all_commits(grid, tmp_path
                      "--out", str(tmp_path / "study"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(json.loads((tmp_path / "study" / "study.json").read_text())["experiments"]) == len(GOOD)
+
+
+def test_forgetting_and_structure_are_read_when_a_run_has_them():
+    core = {study_compare.SIM: {"f1_delta": {"mean": 0.01}}, study_compare.JUDGE: {}, study_compare.FACT: {}}
+    older = study_compare.metric_values(core)
+    assert older["general_suite_delta"] is None and older["intruders"] is None  # missing, not 0
+    newer = study_compare.metric_values({**core, study_compare.GENERAL: {"nll_delta": {"mean": 0.2},
+                                                           "suite": {"accuracy_delta": {"mean": -0.05}}},
+                                   study_compare.STRUCTURE: {"intruders": 17}})
+    assert (newer["general_nll_delta"], newer["general_suite_delta"], newer["intruders"]) == (0.2, -0.05, 17)
+    assert study_compare.fmt(17, "count") == "17.0"

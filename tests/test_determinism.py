@@ -43,8 +43,8 @@ def synth_outputs(root) -> dict[str, str]:
 
 @pytest.mark.slow  # runs the synth stage five times on the real SmolLM2
 def test_synth_data_is_the_same_on_a_cold_cache_and_on_one_other_runs_warmed(tmp_path, base_model):
-    target = {"synth.max_facts": 2, "synth.error_rate": 0.5, "synth.max_attempts": 3,
-              "synth.teacher.max_new_tokens": 32}
+    target = {"synth.max_facts": 2, "synth.train_phrasings_per_fact": 2, "synth.error_rate": 0.5,
+              "synth.max_attempts": 3, "synth.teacher.max_new_tokens": 32}
 
     def run(name, cache, **params):
         root = copy_repo(tmp_path / name)

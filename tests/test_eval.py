@@ -124,14 +124,30 @@ def test_eval_stages_and_report_end_to_end_then_bad_inputs(tiny_pipeline_copy):
     assert general["n_chunks"] == 4 and general["perplexity"]["base"] > 1
     assert general["kl_tuned_from_base"]["mean"] >= 0 and "p_value" not in general["kl_tuned_from_base"]
     assert general["nll_delta"]["n"] == 4
-    assert general["multiple_choice"]["base"]["n"] == 3 and "accuracy_delta" in general["multiple_choice"]
+    assert set(general["tasks"]) == {"relaytune_calendar", "relaytune_arithmetic", "relaytune_units",
+                                     "relaytune_languages", "relaytune_currencies"}
+    assert general["suite"]["n"] == 438 and general["suite"]["chance"] == pytest.approx(0.25)
+    for task in general["tasks"].values():
+        m = task["mcnemar"]
+        assert task["tuned"]["k"] - task["base"]["k"] == m["only_tuned"] - m["only_base"]  # paired item by item
+    structure = json.loads((pipeline / "metrics" / "eval_structure.json").read_text())
+    matrices = [json.loads(x) for x in (pipeline / "reports/items/structure.jsonl").read_text().splitlines()]
+    assert structure["method"] == "qlora" and structure["base"] == "nf4+double-quant base, dequantised"
+    assert structure["matrices"] == len(matrices) == 2 * 7  # 2 layers x the 7 projections LoRA adapts
+    # The update is the adapter's B @ A (lora.r = 4): never more than 4 directions, whatever the energy share.
+    assert all(1 <= m["update_rank"] <= 4 and m["relative_update_norm"] > 0 for m in matrices)
+    assert structure["intruders"] == sum(m["intruders"]["0.5"] for m in matrices)
     report = (pipeline / "reports" / "report.md").read_text()
+    assert "## Structure of the weight update" in report and "| q_proj | 2 |" in report
+    assert "## General ability (lm-evaluation-harness)" in report and "| suite (pooled) | 438 | 25% |" in report
+    assert "| secondary | General-ability suite accuracy, tuned − base (lm-eval, 5 tasks pooled)" in report
     assert "| BERTScore F1, tuned − base" in report and "| Confident factual errors, tuned |" in report
     assert report.index("| base model |") < report.index("## Tests") < report.index("## What this run cannot tell")
     assert "| primary | Confident factual errors, tuned − base (paired)" in report and "Holm p" in report
     assert "## The relay chain" in report and "(n=4)" in report
     assert sorted(p.name for p in (pipeline / "reports" / "figures").iterdir()) == [
-        "audit_topics.png", "bertscore.png", "factuality.png", "forgetting.png", "judge.png", "loss.png"]
+        "audit_topics.png", "bertscore.png", "factuality.png", "forgetting.png", "judge.png", "loss.png",
+        "structure.png"]
     assert "<table>" in (pipeline / "reports" / "report.html").read_text()
     prov = json.loads((pipeline / "metrics" / "provenance" / "eval_similarity.json").read_text())
     assert prov["models"]["tuned"]["adapter_hash"].startswith("sha256:")

@@ -21,7 +21,7 @@ PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 ARTIFACT_ROOTS = ("data/", "metrics/", "models/", "reports/", "checkpoints/", "dvclive/")
 TRAINING_CODE = {"relaytune/train.py", "relaytune/train_data.py", "relaytune/train_model.py",
                  "relaytune/relay_folder.py", "relaytune/host.py", "relaytune/distributed.py"}
-EVALUATION_STAGES = ["eval_similarity", "eval_judge", "factuality_audit", "eval_general", "report"]
+EVALUATION_STAGES = ["eval_similarity", "eval_judge", "factuality_audit", "eval_general", "eval_structure", "report"]
 
 
 def stage_script(stage: dict) -> Path:
@@ -114,8 +114,9 @@ def paths_products() -> set[str]:
 
 
 def artifacts(stage: dict, kind: str) -> set[str]:
-    handbook = PARAMS["synth"]["handbook"]  # a param, not a pipeline artifact
-    return {p for p in declared(stage, kind) if not p.endswith(".py") and p != handbook}
+    # params, not pipeline artifacts: the handbook and the folder of lm-eval task files
+    inputs = {PARAMS["synth"]["handbook"], PARAMS["eval"]["general_task_dir"]}
+    return {p for p in declared(stage, kind) if not p.endswith(".py") and p not in inputs}
 
 
 def test_dvc_yaml_declares_only_paths_that_paths_py_names():
@@ -152,7 +153,8 @@ def path_functions() -> dict:
             paths.dvclive_dir: {str(paths.dvclive_dir(n)) for n in epochs},
             paths.metrics_file: {str(paths.metrics_file(s)) for s in STAGES},
             paths.provenance_file: {str(paths.provenance_file(s)) for s in STAGES},
-            paths.adapter_dir: {str(adapter)}}
+            paths.adapter_dir: {str(adapter)},
+            paths.tuned_dir: {str(adapter)}}
 
 
 def path_references(source: Path) -> tuple[set[str], set[str]]:
@@ -175,7 +177,7 @@ def path_references(source: Path) -> tuple[set[str], set[str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and member(node.func) in functions:
             function = member(node.func)
-            if function is not paths.adapter_dir and all(isinstance(a, ast.Constant) for a in node.args):
+            if function not in (paths.adapter_dir, paths.tuned_dir) and all(isinstance(a, ast.Constant) for a in node.args):
                 exact.add(str(function(*(a.value for a in node.args))))
             else:
                 possible |= functions[function]

@@ -20,7 +20,7 @@ def test_repo_params_validate_and_keep_the_study_recipe():
     ({"synth": {"error_rate": 1.5}}, "params.yaml: synth.error_rate: Input should be less than or equal to 1 (got 1.5)"),
     ({"train": {"method": "qlora4"}}, "train.method: Input should be 'qlora', 'lora' or 'full' (got 'qlora4')"),
     ({"lora": {"rank": 8}}, "lora.rank: unknown key (allowed: r, alpha, dropout, target_modules)"),
-    ({"colour": 1}, "colour: unknown key (allowed: seed, model, synth, audit, lora, train, eval, judge)"),
+    ({"colour": 1}, "colour: unknown key (allowed: seed, model, synth, audit, lora, train, eval, judge, structure)"),
     ({"synth": {"teacher": {"provider": "openai"}}}, "synth.teacher: model is required when provider is 'openai'"),
     ({"synth": {"teacher": {"provider": "openai", "model": "m", "api_key_env": "my key"}}},
      "synth.teacher.api_key_env: must be the NAME of an environment variable"),

@@ -17,12 +17,12 @@ pytestmark = pytest.mark.slow  # every test here runs `dvc repro` on the real Sm
 def small_repo(tmp_path, **synth):
     root = copy_repo(tmp_path / "repo")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["synth"].update({"max_facts": 4, "max_attempts": 1, **synth})
+    params["synth"].update({"max_facts": 4, "max_attempts": 1, "train_phrasings_per_fact": 2, **synth})
     params["synth"]["teacher"].update(max_new_tokens=40)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # Small enough for CI: one teacher attempt, 1 optimizer step per epoch, short answers, a few general-text chunks.
-    set_params(root, **{"eval.max_new_tokens": 24, "eval.general_chunks": 4, "eval.bootstrap_samples": 1000,
-                        "judge.max_new_tokens": 12})
+    set_params(root, **{"train.effective_batch_size": 8, "eval.max_new_tokens": 24, "eval.general_chunks": 4,
+                        "eval.bootstrap_samples": 1000, "judge.max_new_tokens": 12})
     git_commit(root, "pipeline")
     return root
 

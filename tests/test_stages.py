@@ -41,6 +41,18 @@ def test_bad_param_stops_synth_with_one_line(repo):
     assert "params.yaml: lora.r: Input should be greater than or equal to 1 (got 0)" in line
 
 
+def test_a_worked_example_the_handbook_lacks_stops_validate_and_synth(repo):
+    handbook = repo / "data" / "handbook" / "tiny.yaml"
+    raw = yaml.safe_load(handbook.read_text())
+    del raw["teacher_example"]
+    handbook.write_text(yaml.safe_dump(raw, sort_keys=False))
+    expected = ("relaytune: error: data/handbook/tiny.yaml: synth.teacher_example is true but the handbook has no "
+                "teacher_example (statement, question, answer); add one or set synth.teacher_example=false")
+    assert one_error_line(run_stage(repo, "validate")) == expected
+    assert one_error_line(run_stage(repo, "synth")) == expected
+    assert not (repo / "data" / "synth").exists()
+
+
 def test_out_of_range_error_rate_names_key_and_range(repo):
     set_params(repo, **{"synth.error_rate": 1.5})
     line = one_error_line(run_stage(repo, "synth"))
