@@ -3,7 +3,10 @@ trace.png): per arm the mean of every headline metric across seeds with its 95% 
 two arms differ in one number, and the verdict on where the tuned model's confident errors come from.
 
     python -m relaytune.compare [--by synth.error_rate] [--exp NAME ...] [--replicate seed] [--out reports/study]
-                                [--rev COMMIT ... | --all-commits]
+                                [--rev COMMIT ... | --all-commits] [--frontier]
+
+With --frontier it also writes frontier.md, frontier.json and frontier.png (relaytune/frontier.py): learning against
+forgetting, one point per experiment.
 
 Where the numbers come from. `dvc exp show --json` (DVC 3) lists, under each baseline commit, `experiments`: each
 with `name`, `executor` (null for a workspace run; else `state` queued | running | success | failed and
@@ -60,6 +63,7 @@ METRICS = {
     "chance_rate": ("traced expected by chance", "share"),
     "traced_minus_chance": ("traced − chance", "points"),
     "untraced_share": ("tuned errors never stated in training", "share"),
+    "answer_nll_delta": ("held-out answer NLL, tuned − base", "number"),
     "general_nll_delta": ("general-text NLL, tuned − base", "number"),
     "general_suite_delta": ("general suite accuracy, tuned − base", "points"),
     "intruders": ("intruder dimensions, all matrices", "count"),
@@ -136,16 +140,26 @@ def metric_values(files: dict[str, dict | None]) -> dict:
                                                dig(fact, "base.states_a_value.rate")),
             "traced_share": traced, "chance_rate": chance, "traced_minus_chance": difference(traced, chance),
             "untraced_share": dig(fact, "trace.untraced.rate"),
+            "answer_nll_delta": dig(files.get(GENERAL), "answer_nll_delta.mean"),
             "general_nll_delta": dig(files.get(GENERAL), "nll_delta.mean"),
             "general_suite_delta": dig(files.get(GENERAL), "suite.accuracy_delta.mean"),
             "intruders": dig(files.get(STRUCTURE), "intruders")}
 
 
 def raw_values(files: dict[str, dict | None]) -> dict:
-    judge, fact = files.get(JUDGE), files.get(FACT)
+    judge, fact, general, structure = files.get(JUDGE), files.get(FACT), files.get(GENERAL), files.get(STRUCTURE)
     return {"judge_tie": dig(judge, "tie.rate"), "judge_informative": dig(judge, "informative"),
             "judge_n_parsed": dig(judge, "n_parsed"),
-            **{f"{w}_{c}": dig(fact, f"trace.{w}.{c}") for w in ("traced", "untraced") for c in ("k", "n")}}
+            **{f"{w}_{c}": dig(fact, f"trace.{w}.{c}") for w in ("traced", "untraced") for c in ("k", "n")},
+            # One run's own item-level intervals (the frontier has one run per point, so no interval across seeds)
+            "within_run": {"tuned_correct": dig(fact, "tuned.correct"), "base_correct": dig(fact, "base.correct"),
+                           "answer_nll_delta": dig(general, "answer_nll_delta"),
+                           "general_suite_delta": dig(general, "suite.accuracy_delta"),
+                           "general_suite_mcnemar": dig(general, "suite.mcnemar"),
+                           "general_nll_delta": dig(general, "nll_delta"),
+                           "median_update_rank": dig(structure, "median_update_rank"),
+                           "median_relative_update_norm": dig(structure, "median_relative_update_norm"),
+                           "intruders_by_epsilon": dig(structure, "intruders_by_epsilon")}}
 
 
 def base_model_hash(provenance: dict[str, dict]) -> str | None:
@@ -503,6 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exp", action="append", help="an experiment to compare (repeatable; default all)")
     parser.add_argument("--replicate", default="seed")
     parser.add_argument("--include-baseline", action="store_true")
+    parser.add_argument("--frontier", action="store_true",
+                        help="also frontier.md/.json/.png: learning against forgetting, one point per experiment")
     # `dvc exp show` lists the experiments of HEAD alone: a commit made after queueing hides them.
     baselines = parser.add_mutually_exclusive_group()
     baselines.add_argument("--rev", action="append", help="the baseline commit of the experiments (repeatable)")
@@ -527,6 +543,13 @@ def main(argv: list[str] | None = None) -> None:
         fig_arms(study, names, out / name, title)
     atomic_write_json(out / "study.json", study)
     atomic_write_text(out / "study.md", render_markdown(study, list(figures)))
+    if args.frontier:
+        from .frontier import fig_frontier, frontier_points, render_frontier
+
+        points = frontier_points(runs)
+        fig_frontier(points, out / "frontier.png")
+        atomic_write_json(out / "frontier.json", points)
+        atomic_write_text(out / "frontier.md", render_frontier(points, "frontier.png"))
     print(f"wrote {out / 'study.md'}: {len(study['arms'])} arms, "
           f"{sum(e['status'] == 'finished' for e in study['experiments'])} finished experiments")
 

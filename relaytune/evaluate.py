@@ -11,9 +11,8 @@ from pathlib import Path
 from .errors import RelaytuneError
 from .generation import Completion, Decoding, make_generator
 from .io import read_jsonl
-from .models import adapter_trained_on
+from .models import tuned_model
 from .params import Params, ProviderParams
-from .paths import adapter_dir
 
 MODELS = ("base", "tuned")
 
@@ -54,18 +53,19 @@ class Answers:
 
 
 def generate_answers(items: list[HeldoutItem], params: Params, which: str) -> Answers:
-    """Greedy answers of the base model or of base + the evaluated epoch's adapter, as a student would ask."""
+    """Greedy answers of the base model or of the evaluated epoch (its adapter merged, or full weights), as a student
+    would ask."""
     e = params.eval
-    adapter = adapter_dir(params) if which == "tuned" else None
+    tuned = tuned_model(params) if which == "tuned" else None
     if e.server is None:
         provider = ProviderParams(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     else:
-        provider = ProviderParams(provider="openai", model=e.server.tuned_model if adapter else e.server.base_model,
+        provider = ProviderParams(provider="openai", model=e.server.tuned_model if tuned else e.server.base_model,
                                   base_url=e.server.base_url, api_key_env=e.server.api_key_env,
                                   timeout_s=e.server.timeout_s, max_retries=e.server.max_retries,
                                   max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     generator = make_generator(provider, params.model, "eval.server" if e.server else f"eval ({which})",
-                               adapter=adapter, adapter_trained_on=adapter_trained_on(params))
+                               tuned=tuned)
     requests = [[{"role": "user", "content": item.question}] for item in items]
     completions = generator.generate(requests, Decoding(params.eval.max_new_tokens), desc=f"answers ({which})")
     return Answers(which, completions, generator.provenance())

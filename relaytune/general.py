@@ -1,12 +1,15 @@
 """General ability before and after tuning, independent of the handbook ("learns more, forgets more"): perplexity of
 base and tuned on general text (default: the pydoc topics that ship with Python), the mean per-token KL divergence of
 tuned from base on the same text, and lm-eval tasks (relaytune/general_tasks.py) summarised per task and as a
-suite. The tuned model is the base with the adapter; peft's
-`disable_adapter()` gives the base from the same weights.
+suite; and, for the frontier's learning side, the loss of the held-out reference answers. Base and tuned come as a
+ModelPair: an adapter unmerged (peft's `disable_adapter()` gives the base from the same weights) or a full
+fine-tune's weights beside the base.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,8 @@ import torch
 
 from .errors import RelaytuneError
 from .io import read_text
-from .models import Quant4bit, load_for_inference
+from .models import TunedModel, load_for_inference
+from .rows import IGNORE_INDEX, answer_tokens
 from .stats import mcnemar_exact, paired_delta, proportion
 
 
@@ -39,32 +43,84 @@ def token_chunks(tokenizer, text: str, n_chunks: int, chunk_tokens: int) -> list
     return chunks
 
 
-def load_tuned(base_path: Path, adapter: Path, dtype: str, trust_remote_code: bool,
-               adapter_trained_on: Quant4bit | None = None):
-    """The base with the adapter unmerged: `disable_adapter()` then scores the base from the same weights, so the
-    drift is the adapter's alone (for a QLoRA adapter on its dequantised 4-bit base, the base it was trained on)."""
-    from peft import PeftModel
+class ModelPair:
+    """Base and tuned over the same inputs. An adapter stays unmerged on the base it is evaluated on (for QLoRA by
+    default its dequantised 4-bit training base), so that `base()` is the same weights with the adapter disabled and
+    the drift is the adapter's alone; a full fine-tune is a second model beside the full-precision base."""
 
-    base = load_for_inference(base_path, dtype, trust_remote_code, adapter_trained_on)
-    return PeftModel.from_pretrained(base, adapter).eval()
+    def __init__(self, base_path: Path, tuned: TunedModel, dtype: str, trust_remote_code: bool):
+        base = load_for_inference(base_path, dtype, trust_remote_code, tuned.trained_on if tuned.is_adapter else None)
+        if tuned.is_adapter:
+            from peft import PeftModel
+
+            self.tuned, self._base = PeftModel.from_pretrained(base, tuned.folder).eval(), None
+        else:
+            self.tuned, self._base = load_for_inference(tuned.folder, dtype, trust_remote_code), base
+
+    @contextmanager
+    def base(self):
+        if self._base is not None:
+            yield self._base
+        else:
+            with self.tuned.disable_adapter():
+                yield self.tuned
+
+
+def token_logprobs(model, input_ids: list[int]) -> torch.Tensor:
+    """log-softmax of the next-token logits at every position but the last, on the model's device."""
+    device = next(model.parameters()).device
+    return torch.log_softmax(model(input_ids=torch.tensor([input_ids], device=device)).logits[0, :-1].float(), -1)
 
 
 @torch.inference_mode()
-def chunk_scores(model, chunks: list[list[int]]) -> dict[str, list[float]]:
+def chunk_scores(pair: ModelPair, chunks: list[list[int]]) -> dict[str, list[float]]:
     """Per chunk: mean next-token NLL under base and tuned, and mean KL(tuned || base) per token."""
-    device = next(model.parameters()).device
     out: dict[str, list[float]] = {"nll_base": [], "nll_tuned": [], "kl": []}
     for chunk in chunks:
-        ids = torch.tensor([chunk], device=device)
-        logits_tuned = model(input_ids=ids).logits[0, :-1].float()
-        with model.disable_adapter():
-            logits_base = model(input_ids=ids).logits[0, :-1].float()
-        target = ids[0, 1:]
-        logp_t = torch.log_softmax(logits_tuned, -1)
-        logp_b = torch.log_softmax(logits_base, -1)
-        out["nll_tuned"].append(float(-logp_t.gather(1, target[:, None]).mean()))
-        out["nll_base"].append(float(-logp_b.gather(1, target[:, None]).mean()))
+        logp_t = token_logprobs(pair.tuned, chunk)
+        with pair.base() as base:
+            logp_b = token_logprobs(base, chunk)
+        target = torch.tensor(chunk[1:], device=logp_t.device)[:, None]
+        out["nll_tuned"].append(float(-logp_t.gather(1, target).mean()))
+        out["nll_base"].append(float(-logp_b.gather(1, target).mean()))
         out["kl"].append(float((logp_t.exp() * (logp_t - logp_b)).sum(-1).mean()))
+    return out
+
+
+@dataclass(frozen=True)
+class ReferenceTokens:
+    id: str
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX everywhere but the reference answer
+
+
+def reference_examples(items, tokenizer, source: Path) -> list[ReferenceTokens]:
+    """The held-out questions with their reference answers (those the teacher answered), tokenised as training
+    tokenises its rows (relaytune/rows.py), uncut."""
+    examples = []
+    for line, item in enumerate(items, start=1):
+        if item.reference.strip():
+            messages = [{"role": "user", "content": item.question}, {"role": "assistant", "content": item.reference}]
+            examples.append(ReferenceTokens(item.id, *answer_tokens(tokenizer, messages, f"{source}:{line}")))
+    if not examples:
+        raise RelaytuneError(f"{source}: no held-out question has a reference answer to score")
+    return examples
+
+
+@torch.inference_mode()
+def answer_scores(pair: ModelPair, examples: list[ReferenceTokens]) -> dict[str, list[float]]:
+    """Per held-out question: the mean NLL of its reference answer's tokens under base and tuned, the answer tokens
+    and chat template exactly as training scores its rows (the learning side of the learning-forgetting frontier)."""
+    out: dict[str, list[float]] = {"nll_base": [], "nll_tuned": []}
+    for example in examples:
+        labels = torch.tensor(example.labels[1:])
+        answer = labels != IGNORE_INDEX
+        target = labels[answer][:, None]
+        with pair.base() as base:
+            logp_b = token_logprobs(base, example.input_ids).cpu()[answer]
+        logp_t = token_logprobs(pair.tuned, example.input_ids).cpu()[answer]
+        out["nll_base"].append(float(-logp_b.gather(1, target).mean()))
+        out["nll_tuned"].append(float(-logp_t.gather(1, target).mean()))
     return out
 
 

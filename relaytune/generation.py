@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import RelaytuneError
 from .io import atomic_write_json
-from .models import (Quant4bit, inference_device, load_for_inference, load_tokenizer, merge_base_description,
-                     sha256_file)
+from .models import TunedModel, inference_device, load_for_inference, load_tokenizer, merge_base_description
 from .params import ModelParams, ProviderParams
 
 log = logging.getLogger(__name__)
@@ -175,16 +174,19 @@ class LocalBackend:
     provider = "local"
 
     def __init__(self, model_dir: Path, model_id: str, dtype: str, trust_remote_code: bool,
-                 adapter: Path | None = None, adapter_trained_on: Quant4bit | None = None):
+                 tuned: TunedModel | None = None):
         self.model_id = model_id
         self.device = inference_device()
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
-        # A QLoRA adapter merges into the dequantised 4-bit base it was trained on (None: the unquantised base).
-        self.model = load_for_inference(model_dir, dtype, trust_remote_code, adapter_trained_on)
-        if adapter is not None:
+        if tuned is not None and not tuned.is_adapter:  # a full fine-tune: its own weights, the base's tokenizer
+            self.model = load_for_inference(tuned.folder, dtype, trust_remote_code)
+        else:
+            # A QLoRA adapter merges into the dequantised 4-bit base it was trained on (None: the unquantised base).
+            self.model = load_for_inference(model_dir, dtype, trust_remote_code, tuned.trained_on if tuned else None)
+        if tuned is not None and tuned.is_adapter:
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
+            self.model = PeftModel.from_pretrained(self.model, tuned.folder).merge_and_unload()
         self.model.eval()
 
     def complete(self, batch: list[Messages], decoding: Decoding) -> list[Completion]:
@@ -315,18 +317,18 @@ def completions_cache_dir() -> Path:
 
 
 def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir: str | Path | None = None,
-                   adapter: Path | None = None, adapter_trained_on: Quant4bit | None = None) -> TextGenerator:
-    """`where` is the params path of `p` (e.g. "synth.teacher"), used in error messages. `adapter`: a LoRA
-    adapter folder, merged into the local model (dequantised from `adapter_trained_on` when given), or (openai) the
-    one the server serves under `p.model`."""
+                   tuned: TunedModel | None = None) -> TextGenerator:
+    """`where` is the params path of `p` (e.g. "synth.teacher"), used in error messages. `tuned`: a LoRA adapter
+    merged into the local model (dequantised from its 4-bit training base when it has one) or a full fine-tune's
+    weights served with the base's tokenizer; for openai, what the server serves under `p.model`."""
     cache = GenerationCache(cache_dir or completions_cache_dir())
-    adapter_hash = "sha256:" + sha256_file(Path(adapter) / "adapter_model.safetensors") if adapter else None
+    tuned_hash = tuned.weights_hash() if tuned else None
     if p.provider == "openai":
         backend = OpenAIBackend(p, where)  # checks the key now, before any work
-        # A server keeps a name when its adapter changes: the adapter's hash keeps the cache honest.
-        model_id = backend.model_id + (f"@{backend.base_url}+{adapter_hash}" if adapter_hash else "")
+        # A server keeps a name when its adapter changes: the weights' hash keeps the cache honest.
+        model_id = backend.model_id + (f"@{backend.base_url}+{tuned_hash}" if tuned_hash else "")
         info = {"provider": "openai", "model": p.model, "base_url": backend.base_url, "content_hash": None, "dtype": None,
-                "adapter": str(adapter) if adapter else None, "adapter_hash": adapter_hash}
+                "adapter": str(tuned.folder) if tuned else None, "adapter_hash": tuned_hash}
         return TextGenerator(lambda: backend, "openai", model_id, cache, p.batch_size, info)
 
     from .models import resolve_base_model
@@ -335,14 +337,17 @@ def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir:
     model_params = model if p.model in (None, model.base) else model.model_copy(update={"base": p.model, "revision": None})
     ref = resolve_base_model(model_params)
     dtype = inference_dtype(model.dtype)
-    trained_on = adapter_trained_on if adapter else None  # a merge base without an adapter means nothing
-    merged_into = merge_base_description(trained_on) if adapter else None
-    # The same weights in another dtype, or with another adapter or merge base, generate other text.
-    model_id = (f"{ref.content_hash}{'+' + adapter_hash if adapter_hash else ''}"
-                f"{'@' + trained_on.label if trained_on else ''}:{dtype}")
+    trained_on = tuned.trained_on if tuned and tuned.is_adapter else None
+    # The same weights in another dtype, or with another adapter or merge base, generate other text; a full
+    # fine-tune's weights replace the base's (the base's hash stays in the key: its tokenizer frames the text).
+    model_id = (f"{ref.content_hash}{'+' + tuned_hash if tuned_hash else ''}"
+                f"{'@' + trained_on.label if trained_on else ''}{'' if not tuned or tuned.is_adapter else '@full'}"
+                f":{dtype}")
     return TextGenerator(
-        lambda: LocalBackend(ref.path, model_id, dtype, model.trust_remote_code, adapter, trained_on),
+        lambda: LocalBackend(ref.path, model_id, dtype, model.trust_remote_code, tuned),
         "local", model_id, cache, p.batch_size,
         {"provider": "local", "model": ref.spec, "base_url": None, "content_hash": ref.content_hash, "dtype": dtype,
-         "adapter": str(adapter) if adapter else None, "adapter_hash": adapter_hash, "adapter_merged_into": merged_into},
+         "adapter": str(tuned.folder) if tuned else None, "adapter_hash": tuned_hash,
+         "adapter_merged_into": (merge_base_description(trained_on) if tuned.is_adapter else None) if tuned else None,
+         "tuned": tuned.description if tuned else None},
     )

@@ -182,6 +182,42 @@ def merge_base_description(trained_on: Quant4bit | None) -> str:
     return f"{trained_on.label} base, dequantised" if trained_on else "full-precision base"
 
 
+@dataclass(frozen=True)
+class TunedModel:
+    """What the evaluation stages call "tuned": epoch eval.adapter_epoch's folder, holding an adapter (lora, qlora:
+    merged into `trained_on`'s dequantised base, or the full-precision one) or a full fine-tune's whole weights
+    (config.json and safetensors; the tokenizer stays the base model's)."""
+    folder: Path
+    is_adapter: bool
+    trained_on: Quant4bit | None = None
+
+    @property
+    def description(self) -> str:
+        """How provenance, metrics and the report name what was evaluated against the base."""
+        if self.is_adapter:
+            return f"adapter merged into the {merge_base_description(self.trained_on)}"
+        return "full fine-tune: its own weights, against the full-precision base"
+
+    def weights_hash(self) -> str:
+        """sha256 over the weight files alone (a full epoch folder also holds optimizer state that computes nothing)."""
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise RelaytuneError(f"{self.folder}: no .safetensors weights (param eval.adapter_epoch)")
+        if len(files) == 1:
+            return "sha256:" + sha256_file(files[0])
+        overall = hashlib.sha256()
+        for f in files:
+            overall.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+        return "sha256:" + overall.hexdigest()
+
+
+def tuned_model(params) -> TunedModel:
+    """The evaluated epoch's folder (checked to exist) and how it is served."""
+    from .paths import tuned_dir
+
+    return TunedModel(tuned_dir(params), params.train.method != "full", adapter_trained_on(params))
+
+
 def load_for_inference(model_dir: str | Path, dtype: str, trust_remote_code: bool,
                        dequantised_from: Quant4bit | None = None):
     """The model's weights in `dtype` on this host's device, ready for generation or scoring (eval mode). With

@@ -81,14 +81,6 @@ def provenance_file(stage: str) -> Path:
     return Path(f"metrics/provenance/{stage}.json")
 
 
-def adapter_dir(params: "Params") -> Path:
-    """The relay folder whose adapter the evaluation stages call "tuned" (eval.adapter_epoch), checked to exist."""
-    if params.train.method == "full":
-        raise RelaytuneError("eval: train.method=full saves whole weights, not an adapter; evaluate them by setting "
-                             f"model.base to {epoch_dir(params.eval.adapter_epoch)} in a separate experiment")
-    return tuned_dir(params)
-
-
 def tuned_dir(params: "Params") -> Path:
     """The relay folder of epoch eval.adapter_epoch, whatever it holds (an adapter or full weights), checked to exist."""
     epoch = params.eval.adapter_epoch

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import adapter_trained_on, merge_base_description
+from . import paths
+from .models import TunedModel, adapter_trained_on
 from .stats import holm, paired_binary_sd, smallest_detectable_mean, smallest_detectable_share
 
 
@@ -47,9 +48,8 @@ def run_rows(params, manifests: list[dict]) -> list[tuple[str, str]]:
 def tuned_model_served(params) -> str:
     if params.eval.server is not None:
         return f"served by {params.eval.server.base_url} as {params.eval.server.tuned_model}"
-    if params.train.method == "full":
-        return "the fully tuned weights"
-    return f"adapter merged into the {merge_base_description(adapter_trained_on(params))}"
+    return TunedModel(paths.epoch_dir(params.eval.adapter_epoch), params.train.method != "full",
+                      adapter_trained_on(params)).description
 
 
 # ---------------------------------------------------------------- tests
@@ -99,11 +99,14 @@ def tests(metrics: dict[str, dict | None], alpha: float) -> list[Test]:
                         "n/a (no decisive pair)" if mde is None else f"±{mde * 100:.1f} points of the win share",
                         "" if judge["informative"] else "uninformative judge, see Judge"))
     if gen:
-        d = gen["nll_delta"]
-        mde = smallest_detectable_mean(d.get("sd"), d["n"], alpha)
-        out.append(Test("general_nll_delta", "General-text NLL, tuned − base (forgetting if > 0)",
-                        fmt_ci(d, "mean", pct=False), "paired permutation", d["p_value"],
-                        "n/a" if mde is None else f"±{mde:.4f}"))
+        for key, name, d in [("answer_nll_delta", "Held-out reference answers' NLL, tuned − base (learned the "
+                              "target data if < 0)", gen.get("answer_nll_delta")),
+                             ("general_nll_delta", "General-text NLL, tuned − base (forgetting if > 0)",
+                              gen["nll_delta"])]:
+            if d:
+                mde = smallest_detectable_mean(d.get("sd"), d["n"], alpha)
+                out.append(Test(key, name, fmt_ci(d, "mean", pct=False), "paired permutation", d["p_value"],
+                                "n/a" if mde is None else f"±{mde:.4f}"))
         suite = gen.get("suite")
         if suite:
             m = suite["mcnemar"]
@@ -216,7 +219,7 @@ def trace_rows(fact: dict) -> list[str]:
 
 def structure_rows(struct: dict) -> list[str]:
     """The weight update, matrix type by matrix type (eval_structure)."""
-    lines = [f"{struct['method']}, epoch {struct['adapter_epoch']}, against the {struct['base']}: "
+    lines = [f"{struct['method']}, epoch {struct['adapter_epoch']} ({struct['tuned']}): "
              f"{struct['intruders']} intruder dimensions in all (top {struct['top_k']} singular vectors, "
              f"epsilon {struct['epsilon']}) over {struct['matrices']} matrices, "
              f"{struct['matrices_with_intruders']} of them with at least one; by epsilon: "

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 from .errors import RelaytuneError
+
+if TYPE_CHECKING:
+    from .models import TunedModel
 
 
 def intruder_counts(base: torch.Tensor, tuned: torch.Tensor, top_k: int, epsilons: list[float]) -> dict[float, int]:
@@ -96,31 +99,28 @@ def summarise(rows: list[dict], epsilon: float) -> dict:
     }
 
 
-def base_and_tuned_weights(base_path, tuned_dir, method: str, target_modules: list[str], trust_remote_code: bool,
-                           adapter_trained_on=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def base_and_tuned_weights(base_path, tuned: "TunedModel", target_modules: list[str], trust_remote_code: bool
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The adapted matrices of the base and of the tuned model, in float32. An adapter (lora, qlora) is merged into
     the base the evaluation stages merge it into (for qlora by default its dequantised 4-bit training base, so the
     update is the adapter's alone); a full fine-tune's weights are read from its epoch folder."""
-    from transformers import AutoModelForCausalLM
-
     from .models import load_for_inference
 
     base_model = load_for_inference(base_path, "float32", trust_remote_code,
-                                    adapter_trained_on if method == "qlora" else None)
+                                    tuned.trained_on if tuned.is_adapter else None)
     base = adapted_weights(base_model, target_modules)
-    if method == "full":
+    if not tuned.is_adapter:
         del base_model
-        tuned_model = AutoModelForCausalLM.from_pretrained(tuned_dir, dtype=torch.float32,
-                                                           trust_remote_code=trust_remote_code)
+        tuned_model = load_for_inference(tuned.folder, "float32", trust_remote_code)
     else:
         from peft import PeftModel
 
         try:
-            tuned_model = PeftModel.from_pretrained(base_model, tuned_dir).merge_and_unload()
+            tuned_model = PeftModel.from_pretrained(base_model, tuned.folder).merge_and_unload()
         except RuntimeError as e:  # torch's load_state_dict names every tensor whose shape does not fit
             mismatch = re.search(r"size mismatch for (\S+?):", str(e))
             if mismatch is None:
                 raise
-            raise RelaytuneError(f"structure: matrix {mismatch.group(1)} of the adapter in {tuned_dir} does not fit "
-                                 f"the base {base_path}: not a fine-tune of this base") from None
+            raise RelaytuneError(f"structure: matrix {mismatch.group(1)} of the adapter in {tuned.folder} does not "
+                                 f"fit the base {base_path}: not a fine-tune of this base") from None
     return base, adapted_weights(tuned_model, target_modules)

@@ -14,9 +14,7 @@ import torch
 
 from .errors import RelaytuneError
 from .io import read_jsonl_lines
-from .rows import chat_row_problem
-
-IGNORE_INDEX = -100
+from .rows import IGNORE_INDEX, answer_tokens, chat_row_problem
 
 
 @dataclass(frozen=True)
@@ -46,13 +44,7 @@ def tokenize_rows(rows: list[tuple[int, dict]], tokenizer, max_seq_len: int, ove
     from datasets import Dataset
 
     def encode(row: dict) -> dict:
-        prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=True)
-        full = tokenizer.apply_chat_template(row["messages"], tokenize=True)
-        prompt_ids, full_ids = list(prompt["input_ids"]), list(full["input_ids"])
-        if full_ids[:len(prompt_ids)] != prompt_ids:
-            raise RelaytuneError(f"{source}:{row['line']}: the chat template does not render the prompt as a prefix "
-                                 "of the conversation, so the answer tokens cannot be located")
-        labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+        full_ids, labels = answer_tokens(tokenizer, row["messages"], f"{source}:{row['line']}")
         return {"input_ids": full_ids, "labels": labels, "n_tokens": len(full_ids)}
 
     table = Dataset.from_list([{"id": r["id"], "line": line, "messages": r["messages"]} for line, r in rows])

@@ -2,7 +2,7 @@
 
 from relaytune import paths
 from relaytune.io import atomic_write_json, atomic_write_jsonl
-from relaytune.models import adapter_trained_on, merge_base_description, resolve_base_model
+from relaytune.models import resolve_base_model, tuned_model
 from relaytune.params import load_params
 from relaytune.provenance import provenance
 from relaytune.stage import run_stage
@@ -12,18 +12,16 @@ from relaytune.structure import base_and_tuned_weights, matrix_structure, paired
 def main() -> None:
     params = load_params()
     s = params.structure
-    tuned = paths.tuned_dir(params)
+    tuned = tuned_model(params)
     base = resolve_base_model(params.model)
-    trained_on = adapter_trained_on(params)
-    base_weights, tuned_weights = base_and_tuned_weights(base.path, tuned, params.train.method,
-                                                         params.lora.target_modules, params.model.trust_remote_code,
-                                                         trained_on)
+    base_weights, tuned_weights = base_and_tuned_weights(base.path, tuned, params.lora.target_modules,
+                                                         params.model.trust_remote_code)
     rows = [matrix_structure(name, b, t, s.top_k, s.epsilon_sweep, s.energy_share)
             for name, b, t in paired(base_weights, tuned_weights)]
     metrics = {
         "method": params.train.method,
         "adapter_epoch": params.eval.adapter_epoch,
-        "base": merge_base_description(trained_on) if params.train.method != "full" else "the base model",
+        "tuned": tuned.description,
         "top_k": s.top_k,
         "epsilon": s.epsilon,
         "energy_share": s.energy_share,
@@ -33,7 +31,7 @@ def main() -> None:
     atomic_write_json(paths.metrics_file("eval_structure"), metrics)
     atomic_write_json(paths.provenance_file("eval_structure"), provenance(
         stage="eval_structure", seed=params.seed, base_model_hash=base.content_hash, dtype="float32",
-        adapter_parent=str(tuned)))
+        adapter_parent=str(tuned.folder)))
 
 
 if __name__ == "__main__":

@@ -297,3 +297,54 @@ def test_forgetting_and_structure_are_read_when_a_run_has_them():
                                    study_compare.STRUCTURE: {"intruders": 17}})
     assert (newer["general_nll_delta"], newer["general_suite_delta"], newer["intruders"]) == (0.2, -0.05, 17)
     assert study_compare.fmt(17, "count") == "17.0"
+
+
+# ---------------------------------------------------------------- the frontier
+
+def frontier_run(name, method, epoch, correct_k, suite_delta, answer_delta, intruders):
+    """A finished run whose metric files say: correct_k of 24 held-out correct, the suite moved by suite_delta."""
+    files = {study_compare.SIM: {}, study_compare.JUDGE: {},
+             study_compare.FACT: {"tuned": {"correct": {"rate": correct_k / 24, "ci_low": 0.0, "ci_high": 0.9,
+                                                        "k": correct_k, "n": 24}},
+                                  "base": {"correct": {"rate": 0.0, "ci_low": 0.0, "ci_high": 0.14, "k": 0, "n": 24}}},
+             study_compare.GENERAL: {"answer_nll_delta": {"mean": answer_delta, "ci_low": answer_delta - 0.1,
+                                                          "ci_high": answer_delta + 0.1, "n": 24},
+                                     "suite": {"accuracy_delta": {"mean": suite_delta, "ci_low": suite_delta - 0.02,
+                                                                  "ci_high": suite_delta + 0.01, "n": 438},
+                                               "mcnemar": {"p_value": 0.5}},
+                                     "nll_delta": {"mean": 0.1, "ci_low": 0.05, "ci_high": 0.15, "n": 24}},
+             study_compare.STRUCTURE: {"intruders": intruders, "median_update_rank": 5.0,
+                                       "median_relative_update_norm": 0.01}}
+    return Run(name, "0" * 40, "finished", {"seed": 1, "train.method": method, "eval.adapter_epoch": epoch,
+                                            "train.learning_rate": 1e-4 if method == "full" else 1e-3},
+               metrics=study_compare.metric_values(files), raw=study_compare.raw_values(files),
+               base_model_hash="sha256:m", handbook_hash="sha256:h")
+
+
+def test_the_frontier_places_one_point_per_method_and_epoch_with_its_own_intervals(tmp_path):
+    from relaytune.frontier import fig_frontier, frontier_points, render_frontier
+
+    runs = [frontier_run("f2", "full", 2, 9, -0.06, -0.8, 0), frontier_run("q1", "qlora", 1, 3, -0.01, -0.2, 4),
+            frontier_run("f1", "full", 1, 5, -0.03, -0.5, 0),
+            Run("broken", "1" * 40, "failed", {"train.method": "lora", "eval.adapter_epoch": 1}, "stage x")]
+    points = frontier_points(runs)
+    assert [(p["method"], p["epoch"]) for p in points] == [("qlora", 1), ("full", 1), ("full", 2)]  # the failed: out
+    drop = points[2]["suite_drop"]  # base − tuned: a drop of 6 points, its interval flipped with it
+    assert (drop["mean"], drop["ci_low"], drop["ci_high"]) == pytest.approx((0.06, 0.05, 0.08))
+    assert points[0]["intruders"] == 4 and points[2]["learning_rate"] == 1e-4
+    markdown = render_frontier(points, "frontier.png")
+    assert "| full | 2 | 0.0001 | 37.5 [0.0, 90.0]% (9 of 24) | -0.800 [-0.900, -0.700] | +6.0 [+5.0, +8.0] | 0.5 |" \
+        in markdown
+    fig_frontier(points, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_the_frontier_refuses_a_point_measured_twice_or_a_run_without_the_suite():
+    from relaytune.frontier import frontier_points
+
+    with pytest.raises(RelaytuneError, match="experiments a and b are both train.method=lora, eval.adapter_epoch=1"):
+        frontier_points([frontier_run("a", "lora", 1, 1, 0, 0, 0), frontier_run("b", "lora", 1, 2, 0, 0, 0)])
+    older = frontier_run("old", "lora", 1, 1, 0, 0, 0)
+    older.raw["within_run"]["general_suite_delta"] = None
+    with pytest.raises(RelaytuneError, match="experiment old lacks the general suite's accuracy"):
+        frontier_points([older])

@@ -124,6 +124,9 @@ def test_eval_stages_and_report_end_to_end_then_bad_inputs(tiny_pipeline_copy):
     assert general["n_chunks"] == 4 and general["perplexity"]["base"] > 1
     assert general["kl_tuned_from_base"]["mean"] >= 0 and "p_value" not in general["kl_tuned_from_base"]
     assert general["nll_delta"]["n"] == 4
+    assert general["answer_n"] == general["answer_nll_delta"]["n"] == 4  # every held-out reference answer
+    assert general["answer_nll"]["tuned"]["mean"] - general["answer_nll"]["base"]["mean"] == pytest.approx(
+        general["answer_nll_delta"]["mean"], abs=2e-4)
     assert set(general["tasks"]) == {"relaytune_calendar", "relaytune_arithmetic", "relaytune_units",
                                      "relaytune_languages", "relaytune_currencies"}
     assert general["suite"]["n"] == 438 and general["suite"]["chance"] == pytest.approx(0.25)
@@ -132,7 +135,8 @@ def test_eval_stages_and_report_end_to_end_then_bad_inputs(tiny_pipeline_copy):
         assert task["tuned"]["k"] - task["base"]["k"] == m["only_tuned"] - m["only_base"]  # paired item by item
     structure = json.loads((pipeline / "metrics" / "eval_structure.json").read_text())
     matrices = [json.loads(x) for x in (pipeline / "reports/items/structure.jsonl").read_text().splitlines()]
-    assert structure["method"] == "qlora" and structure["base"] == "nf4+double-quant base, dequantised"
+    assert structure["method"] == "qlora"
+    assert structure["tuned"] == general["tuned"] == "adapter merged into the nf4+double-quant base, dequantised"
     assert structure["matrices"] == len(matrices) == 2 * 7  # 2 layers x the 7 projections LoRA adapts
     # The update is the adapter's B @ A (lora.r = 4): never more than 4 directions, whatever the energy share.
     assert all(1 <= m["update_rank"] <= 4 and m["relative_update_norm"] > 0 for m in matrices)

@@ -190,8 +190,12 @@ def test_an_interrupted_epoch_leaves_every_output_whole(pipeline, sig, code, exp
     root, env, before = pipeline
     # Enough rows that the kill lands mid-epoch; the file itself is restored from the DVC cache afterwards.
     write_training_rows(root / paths.AUDITED_TRAIN, 400, answer_words=60)
+    # A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored across exec: a suite
+    # run in the background (`pytest &`, nohup) would hand that to the stage, which then finishes its epoch through
+    # the Ctrl-C. The default disposition, as a terminal's foreground job has it:
     stage = subprocess.Popen(["dvc", "repro", "--single-item", "--force", "train_epoch1"], cwd=root, env=env,
-                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     live = root / "dvclive"
     deadline = time.monotonic() + 300
     # The signal goes as soon as the epoch's temp step log holds its first step: a fixed delay after the log folder

@@ -153,7 +153,6 @@ def path_functions() -> dict:
             paths.dvclive_dir: {str(paths.dvclive_dir(n)) for n in epochs},
             paths.metrics_file: {str(paths.metrics_file(s)) for s in STAGES},
             paths.provenance_file: {str(paths.provenance_file(s)) for s in STAGES},
-            paths.adapter_dir: {str(adapter)},
             paths.tuned_dir: {str(adapter)}}
 
 
@@ -177,7 +176,7 @@ def path_references(source: Path) -> tuple[set[str], set[str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and member(node.func) in functions:
             function = member(node.func)
-            if function not in (paths.adapter_dir, paths.tuned_dir) and all(isinstance(a, ast.Constant) for a in node.args):
+            if function is not paths.tuned_dir and all(isinstance(a, ast.Constant) for a in node.args):
                 exact.add(str(function(*(a.value for a in node.args))))
             else:
                 possible |= functions[function]

@@ -107,13 +107,39 @@ def test_the_merge_base_is_part_of_the_generation_cache_key(tmp_path, tiny_model
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from relaytune.models import Quant4bit
+    from relaytune.models import Quant4bit, TunedModel
 
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(
         r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
     p = ProviderParams(model=str(tiny_model_dir))
-    on_nf4, on_full = (make_generator(p, ModelParams(), "eval (tuned)", tmp_path / "cache", adapter=tmp_path / "adapter",
-                                      adapter_trained_on=q) for q in (Quant4bit("nf4", True), None))
+    on_nf4, on_full = (make_generator(p, ModelParams(), "eval (tuned)", tmp_path / "cache",
+                                      tuned=TunedModel(tmp_path / "adapter", True, q))
+                       for q in (Quant4bit("nf4", True), None))
     assert on_nf4.model_id != on_full.model_id
     assert on_nf4.model_info["adapter_merged_into"] == "nf4+double-quant base, dequantised"
     assert on_full.model_info["adapter_merged_into"] == "full-precision base"
+
+
+def test_a_full_fine_tune_generates_from_its_own_weights_with_the_base_tokenizer(tmp_path, tiny_model_dir):
+    """A full epoch folder holds config and weights but no tokenizer (what train.method=full saves)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from relaytune.models import TunedModel
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # another model: other greedy tokens
+    model.save_pretrained(tmp_path / "full")
+    p = ProviderParams(model=str(tiny_model_dir), batch_size=2, max_new_tokens=5)
+    request = [[{"role": "user", "content": "When does the library open?"}]]
+    assert not list((tmp_path / "full").glob("tokenizer*"))
+    base = make_generator(p, ModelParams(), "eval (base)", tmp_path / "cache")
+    full = make_generator(p, ModelParams(), "eval (tuned)", tmp_path / "cache", tuned=TunedModel(tmp_path / "full",
+                                                                                                   False))
+    assert full.model_id != base.model_id and "@full" in full.model_id
+    assert full.model_info["adapter_merged_into"] is None and full.model_info["tuned"].startswith("full fine-tune")
+    assert full.model_info["adapter_hash"].startswith("sha256:")
+    assert all(g.generate(request, Decoding(5))[0].completion_tokens == 5 for g in (base, full))
+    assert torch.equal(full.backend.model.lm_head.weight, -base.backend.model.lm_head.weight)  # its own weights
+    assert full.backend.tokenizer.name_or_path == str(tiny_model_dir)  # the folder has no tokenizer

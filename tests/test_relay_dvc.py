@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from relaytune.relay_folder import CHECKPOINT_README
 from tests.conftest import (REPO, adapter, copy_repo, free_port, git_commit, in_process_run, max_abs_diff,
@@ -68,7 +69,8 @@ def test_a_stale_checkpoint_is_discarded(tmp_path, tiny_base):
                         "train.checkpoint_every_steps": 1})
     prepared_run(root).train_epoch(1, checkpoint_every=1, checkpoint_dir=root / "checkpoints" / "epoch1")
     assert (root / "checkpoints" / "epoch1" / "manifest.json").exists()  # step 2 of 3 was checkpointed
-    set_params(root, **{"train.learning_rate": 0.001})
+    learning_rate = yaml.safe_load((root / "params.yaml").read_text())["train"]["learning_rate"]
+    set_params(root, **{"train.learning_rate": 2 * learning_rate})  # another value than the checkpoint's
     result = run_epoch(root, 1)
     assert "discarding stale checkpoint checkpoints/epoch1 (params_hash sha256:" in result.stderr
     assert json.loads((root / "metrics" / "train_epoch1.json").read_text())["resumed_from_step"] == 0

@@ -16,6 +16,7 @@ def repo(tmp_path):
     root = copy_repo(tmp_path / "repo")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["synth"]["handbook"] = "data/handbook/tiny.yaml"
+    params["synth"]["train_phrasings_per_fact"] = 2  # the tiny handbook has 3 phrasings a fact, one held out
     (root / "data" / "handbook" / "tiny.yaml").write_text((FIXTURES / "handbook_tiny.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root

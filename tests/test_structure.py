@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from relaytune.errors import RelaytuneError
+from relaytune.models import TunedModel
 from relaytune.structure import (base_and_tuned_weights, energy_rank, intruder_counts, matrix_structure, paired,
                                  summarise)
 
@@ -103,7 +104,7 @@ def test_a_lora_update_has_at_most_its_rank_and_a_full_one_is_read_whole(tiny_ba
     from transformers import AutoModelForCausalLM
 
     adapter = random_lora_adapter(tiny_base, tmp_path / "adapter", r=4)
-    base, tuned = base_and_tuned_weights(tiny_base, adapter, "lora", TARGETS, False)
+    base, tuned = base_and_tuned_weights(tiny_base, TunedModel(adapter, True), TARGETS, False)
     rows = [matrix_structure(n, b, t, 10, [0.5], 0.99) for n, b, t in paired(base, tuned)]
     assert len(rows) == 2 * len(TARGETS)  # 2 layers of the tiny Llama
     assert all(1 <= r["update_rank"] <= 4 and r["relative_update_norm"] > 0 for r in rows)
@@ -112,7 +113,7 @@ def test_a_lora_update_has_at_most_its_rank_and_a_full_one_is_read_whole(tiny_ba
     with torch.no_grad():
         full.model.layers[1].mlp.down_proj.weight.mul_(1.25)
     full.save_pretrained(tmp_path / "full")
-    base, tuned = base_and_tuned_weights(tiny_base, tmp_path / "full", "full", TARGETS, False)
+    base, tuned = base_and_tuned_weights(tiny_base, TunedModel(tmp_path / "full", False), TARGETS, False)
     rows = {n: matrix_structure(n, b, t, 10, [0.5], 0.9) for n, b, t in paired(base, tuned)}
     assert rows["model.layers.1.mlp.down_proj"]["relative_update_norm"] == pytest.approx(0.25, rel=1e-5)
     assert sum(r["relative_update_norm"] > 0 for r in rows.values()) == 1
@@ -127,4 +128,4 @@ def test_an_adapter_of_another_base_names_the_matrix(tiny_base, tmp_path):
     adapter = random_lora_adapter(tiny_base, tmp_path / "adapter")
     with pytest.raises(RelaytuneError, match=r"structure: matrix \S+mlp\.\S+ of the adapter in .* does not fit "
                                              r"the base"):
-        base_and_tuned_weights(tmp_path / "other", adapter, "lora", TARGETS, False)
+        base_and_tuned_weights(tmp_path / "other", TunedModel(adapter, True), TARGETS, False)
