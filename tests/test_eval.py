@@ -159,6 +159,31 @@ def test_eval_stages_and_report_end_to_end_then_bad_inputs(tiny_pipeline_copy):
     check_eval_bad_inputs(pipeline)  # after the checks above: it breaks the pipeline's inputs one by one
 
 
+@pytest.mark.slow
+def test_a_full_fine_tune_is_evaluated_in_place(tiny_pipeline_copy):
+    """train.method=full saves whole weights (no adapter, no tokenizer): every eval stage reads them from the epoch
+    folder against the full-precision base, and the report says so."""
+    pipeline = tiny_pipeline_copy
+    set_params(pipeline, **{"train.method": "full", "train.learning_rate": 1e-4, "eval.adapter_epoch": 1})
+    run_stage(pipeline, "train_epoch", "--epoch", "1", check=True)
+    assert (pipeline / "models" / "epoch1" / "model.safetensors").exists()
+    assert not (pipeline / "models" / "epoch1" / "adapter_config.json").exists()
+    for stage in ("eval_similarity", "factuality_audit", "eval_judge", "eval_general", "eval_structure", "report"):
+        run_stage(pipeline, stage, check=True)
+    tuned = "full fine-tune: its own weights, against the full-precision base"
+    general = json.loads((pipeline / "metrics" / "eval_general.json").read_text())
+    structure = json.loads((pipeline / "metrics" / "eval_structure.json").read_text())
+    assert general["tuned"] == structure["tuned"] == tuned and structure["method"] == "full"
+    assert general["answer_nll_delta"]["n"] == 4 and general["nll_delta"]["mean"] != 0  # the weights moved
+    assert general["suite"]["n"] == 438
+    assert structure["matrices"] == 2 * 7 and all(  # every adapted matrix moved, at more than LoRA's rank 4
+        m["relative_update_norm"] > 0 for m in map(json.loads, (pipeline / "reports/items/structure.jsonl")
+                                                   .read_text().splitlines()))
+    prov = json.loads((pipeline / "metrics" / "provenance" / "eval_similarity.json").read_text())["models"]["tuned"]
+    assert prov["adapter"] == "models/epoch1" and prov["adapter_merged_into"] is None and prov["tuned"] == tuned
+    assert f"| tuned model (eval.merge_into) | {tuned} |" in (pipeline / "reports" / "report.md").read_text()
+
+
 def check_eval_bad_inputs(pipeline):
     judged = (pipeline / "metrics" / "eval_judge.json").read_text()
     set_params(pipeline, **{"judge.provider": "openai", "judge.model": "judge-model", "judge.max_retries": 1,
