@@ -19,7 +19,7 @@ METHOD_ORDER = ("qlora", "lora", "full")
 
 def negated(d: dict) -> dict:
     """tuned − base as base − tuned: a drop is positive."""
-    return {"mean": -d["mean"], "ci_low": -d["ci_high"], "ci_high": -d["ci_low"], "n": d["n"]}
+    return {"mean": 0.0 - d["mean"], "ci_low": 0.0 - d["ci_high"], "ci_high": 0.0 - d["ci_low"], "n": d["n"]}  # no -0.0
 
 
 def frontier_points(runs: list) -> list[dict]:
@@ -89,34 +89,37 @@ def plain(value, spec: str) -> str:
 
 
 def fig_frontier(points: list[dict], out: Path) -> None:
-    """Learning (two panels: correct-value rate, answer NLL delta) against forgetting (suite drop), a line per
-    method through its epochs, the base at the origin of forgetting; bars are each run's 95% intervals."""
+    """Learning (correct-value rate; answer NLL delta) against forgetting (the suite's drop; the second signal, the
+    general-text NLL delta), a line per method through its epochs, the base at the origin of forgetting; bars are
+    each run's 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    drop = ("suite_drop", 100, "general-suite accuracy drop, base − tuned (points)")
+    text = ("general_nll_delta", 1, "general-text NLL, tuned − base (nats/token)")
+    correct = ("tuned_correct", "rate", 100, "held-out correct-value rate (%)")
+    answer = ("answer_nll_delta", "mean", 1, "held-out answer NLL, tuned − base (nats/token)")
+    panels = [(drop, correct), (drop, answer), (text, correct)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     base = points[0]["base_correct"]
-    panels = [(axes[0], "tuned_correct", "rate", 100, "held-out correct-value rate (%)"),
-              (axes[1], "answer_nll_delta", "mean", 1, "held-out answer NLL, tuned − base (nats/token)")]
-    for ax, key, centre, scale, label in panels:
+    for ax, ((x_key, x_scale, x_label), (y_key, y_centre, y_scale, y_label)) in zip(axes, panels):
         ax.axvline(0, color="grey", lw=0.6)
-        base_y = base["rate"] * scale if key == "tuned_correct" else 0.0
-        ax.plot([0], [base_y], "k*", ms=10, label="base")
+        ax.plot([0], [base["rate"] * y_scale if y_key == "tuned_correct" else 0.0], "k*", ms=10, label="base")
         for i, method in enumerate(dict.fromkeys(p["method"] for p in points)):
             mine = [p for p in points if p["method"] == method]
-            x = [p["suite_drop"]["mean"] * 100 for p in mine]
-            y = [p[key][centre] * scale for p in mine]
-            xerr = [[(p["suite_drop"]["mean"] - p["suite_drop"]["ci_low"]) * 100 for p in mine],
-                    [(p["suite_drop"]["ci_high"] - p["suite_drop"]["mean"]) * 100 for p in mine]]
-            yerr = [[(p[key][centre] - p[key]["ci_low"]) * scale for p in mine],
-                    [(p[key]["ci_high"] - p[key][centre]) * scale for p in mine]]
+            x = [p[x_key]["mean"] * x_scale for p in mine]
+            y = [p[y_key][y_centre] * y_scale for p in mine]
+            xerr = [[(p[x_key]["mean"] - p[x_key]["ci_low"]) * x_scale for p in mine],
+                    [(p[x_key]["ci_high"] - p[x_key]["mean"]) * x_scale for p in mine]]
+            yerr = [[(p[y_key][y_centre] - p[y_key]["ci_low"]) * y_scale for p in mine],
+                    [(p[y_key]["ci_high"] - p[y_key][y_centre]) * y_scale for p in mine]]
             ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="-o", color=f"C{i}", capsize=3, lw=1, label=method)
             for p, xi, yi in zip(mine, x, y):
                 ax.annotate(f"e{p['epoch']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xlabel("general-suite accuracy drop, base − tuned (points)")
-        ax.set_ylabel(label)
+        ax.set_xlabel(x_label, fontsize=9)
+        ax.set_ylabel(y_label, fontsize=9)
     axes[0].legend(fontsize=8)
     fig.suptitle("Learning against forgetting: one point per method × epoch (bars: the run's 95% intervals)",
                  fontsize=10)
