@@ -7,10 +7,19 @@ Contenders (each in its own process: Liger patches transformers' classes process
   hf         what a tutorial user writes: transformers + peft + bitsandbytes NF4 double-quant, LoRA r=16 on all seven
              projections, prepare_model_for_kbit_training with gradient checkpointing, bf16 autocast (as Trainer's
              bf16=True), rows padded per micro-batch, the whole effective batch in one micro-batch.
+  hf_fp16    the same on a card without bf16 (T4, P100): fp16 compute dtype and autocast with a GradScaler (as
+             Trainer's fp16=True).
+  unsloth    Unsloth's FastLanguageModel on the same rows: NF4 4-bit, LoRA r=16 on the seven projections, its own
+             gradient checkpointing ("unsloth"), bf16, the whole effective batch in one padded micro-batch.
   relaytune  relaytune.train.TrainingRun with its defaults (host profile and params as shipped).
   more, as NAME=KEY=VALUE,...: relaytune with host-profile knobs (RELAYTUNE_* variables) or train.* params changed,
              e.g. --variant padded=packing=false; processes=N runs it under torchrun on N processes (DDP, one per
              GPU; N=1 too, which measures the DDP wrapper alone), e.g. --variant ddp2=processes=2
+--emulate t4 runs hf_fp16 and every relaytune contender as on a T4: the allocator is capped at 15.0 GiB, and relaytune
+reads compute capability 7.5, no bf16 and 15.0 GiB, so it resolves the T4's profile (fp16 with loss scaling, sdpa, no
+compiled layers, fp32 frozen weights, a token budget fitted to 15 GiB); a P100 (6.0, 15.9 GiB) resolves the same.
+hf (bf16) stays the machine's own, the reference. It is an emulation on the machine at hand: the kernels are that
+machine's, so it measures the profile, not the card.
 Weight values do not change speed, so the model is random; the first steps' losses still check that two contenders
 compute the same thing (LoRA B starts at zero, so step 1 is the base model's loss in both).
 """
@@ -108,8 +117,9 @@ def batches(rows: list, effective_batch_size: int) -> list[list]:
 
 # ---------------------------------------------------------------- contenders
 
-def hf_baseline(model_dir: Path, steps_total: int):
-    """The plain HF stack, as a tutorial writes it; returns a function that runs one optimizer step."""
+def hf_baseline(model_dir: Path, steps_total: int, dtype=torch.bfloat16):
+    """The plain HF stack, as a tutorial writes it, computing in `dtype` (float16: with a GradScaler, as Trainer's
+    fp16=True); returns a function that runs one optimizer step."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
@@ -117,8 +127,9 @@ def hf_baseline(model_dir: Path, steps_total: int):
 
     torch.manual_seed(SEED)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": DEVICE})
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": DEVICE},
+                                                 dtype=dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
     model.config.use_cache = False
@@ -127,18 +138,104 @@ def hf_baseline(model_dir: Path, steps_total: int):
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=round(0.03 * steps_total),
                               num_training_steps=steps_total)
 
+    scaler = torch.amp.GradScaler(DEVICE) if dtype == torch.float16 else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step(rows) -> float:
+        batch = {k: v.to(DEVICE) for k, v in collate(rows, PAD_TOKEN_ID, packing=False).items()}
+        with torch.autocast(DEVICE, dtype=dtype):
+            loss = model(**batch).loss
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+        else:  # Trainer's fp16 path: scale, unscale before clipping, skip the step on inf/nan
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, {"optimisations": "none", "micro_batch": "whole effective batch, padded",
+                  "dtype": str(dtype).removeprefix("torch.")}
+
+
+def word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A tokenizer of `vocab_size` plain tokens saved beside the random model: Unsloth's loader wants one, and one of
+    the model's own size keeps it from resizing the embeddings. The rows are token ids already: it never encodes."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    if (directory / "tokenizer.json").exists():
+        return
+    model = WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(model), pad_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(directory)
+
+
+def unsloth_path(model_dir: Path, steps_total: int, vocab_size: int):
+    """Unsloth's own QLoRA path (FastLanguageModel), stepped by the same loop as hf."""
+    from unsloth import FastLanguageModel  # first: it patches transformers and peft on import
+
+    import unsloth
+    from transformers import get_scheduler
+
+    from relaytune.train_data import collate
+
+    word_tokenizer(model_dir, vocab_size)
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=1024,
+                                                 dtype=torch.bfloat16, load_in_4bit=True, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, r=LORA["r"], lora_alpha=LORA["lora_alpha"],
+                                             lora_dropout=LORA["lora_dropout"],
+                                             target_modules=LORA["target_modules"],
+                                             use_gradient_checkpointing="unsloth", random_state=SEED)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=round(0.03 * steps_total),
+                              num_training_steps=steps_total)
+
     def step(rows) -> float:
         batch = {k: v.to(DEVICE) for k, v in collate(rows, PAD_TOKEN_ID, packing=False).items()}
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step, {"optimisations": "none", "micro_batch": "whole effective batch, padded"}
+    return step, {"optimisations": "unsloth", "unsloth": unsloth.__version__,
+                  "micro_batch": "whole effective batch, padded"}
+
+
+# A 16 GB card without bf16, as relaytune's host profile reads it (its memory as torch reports it: a T4 has 15.0 GiB,
+# a P100 15.9 GiB).
+EMULATED = {"t4": {"capability": (7, 5), "bf16": False, "memory_gib": 15.0},
+            "p100": {"capability": (6, 0), "bf16": False, "memory_gib": 15.9}}
+
+
+def emulate(card: str, relaytune: bool) -> None:
+    """Cap this process's allocator at `card`'s memory, so that what would not fit there fails here too; and for
+    relaytune, make what its host profile reads of the card (train_model: compute capability, memory; the dtype
+    "auto" resolves to) answer as `card` does. torch itself keeps the real card's answers: Triton and Liger compile
+    their kernels for the card the process runs on."""
+    import relaytune.train as train
+    import relaytune.train_model as train_model
+
+    spec = EMULATED[card]
+    memory = int(spec["memory_gib"] * 2**30)
+    torch.cuda.set_per_process_memory_fraction(memory / torch.cuda.get_device_properties(0).total_memory)
+    if relaytune:
+        train.compute_capability = lambda device: spec["capability"]
+        train_model.card_memory_bytes = lambda: memory
+        auto = train_model.training_dtype
+        train.training_dtype = lambda host: torch.float16 if host.dtype == "auto" and not spec["bf16"] else auto(host)
 
 
 def relaytune_path(model_dir: Path, steps_total: int, rows, train_overrides: dict):
@@ -204,11 +301,17 @@ def run_contender(args) -> dict:
     study_rows = make_rows([1024] * 8 * 3, vocab, SEED + 1)
     steps = batches(rows, 8)
     started = time.perf_counter()
-    if args.contender == "hf":
-        step, setup = hf_baseline(args.model_dir, len(steps))
+    if args.emulate and args.contender in ("hf_fp16", "relaytune"):  # hf (bf16) and unsloth stay the reference
+        emulate(args.emulate, relaytune=args.contender == "relaytune")
+    if args.contender in ("hf", "hf_fp16"):
+        step, setup = hf_baseline(args.model_dir, len(steps), torch.float16 if args.contender == "hf_fp16"
+                                  else torch.bfloat16)
+    elif args.contender == "unsloth":
+        step, setup = unsloth_path(args.model_dir, len(steps), vocab)
     else:
         step, setup = relaytune_path(args.model_dir, len(steps), rows, json.loads(args.train_overrides))
-    result = {"contender": args.contender, "setup": setup, "load_s": round(time.perf_counter() - started, 1)}
+    result = {"contender": args.contender, "setup": setup, "load_s": round(time.perf_counter() - started, 1),
+              "emulated": args.emulate if args.contender in ("hf_fp16", "relaytune") else None}
     result["realistic_mix"] = measure(step, steps, args.warmup, args.profile_steps)
     if not args.profile_steps:
         study = measure(step, batches(study_rows, 8), 1, False)
@@ -242,7 +345,8 @@ def main() -> None:
     parser.add_argument("--median", type=int, default=300)
     parser.add_argument("--sigma", type=float, default=0.6)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--contenders", default="hf,relaytune")
+    parser.add_argument("--contenders", default="hf,relaytune", help="any of hf, hf_fp16, unsloth, relaytune")
+    parser.add_argument("--emulate", choices=sorted(EMULATED), help="resolve relaytune's profile as on this card")
     parser.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE,... (see above)")
     parser.add_argument("--profile", default=None, help="print the top CUDA kernels of this contender instead")
     parser.add_argument("--out", type=Path)
@@ -259,7 +363,7 @@ def main() -> None:
         return
 
     build_random_model(args.model_dir, SHAPES[args.shape])
-    variants = {"hf": ({}, {}, None), "relaytune": ({}, {}, None)}
+    variants = {name: ({}, {}, None) for name in ("hf", "hf_fp16", "unsloth", "relaytune")}
     variants.update({name: (env, train, processes) for name, env, train, processes in map(parse_variant, args.variant)})
     names = [n for n in args.contenders.split(",") if n] + [parse_variant(v)[0] for v in args.variant]
     if args.profile:
@@ -269,12 +373,15 @@ def main() -> None:
         env, train, processes = variants[name]
         launcher = [] if processes is None else ["-m", "torch.distributed.run", "--standalone",
                                                  f"--nproc-per-node={processes}"]
-        cmd = [sys.executable, *launcher, "-m", "bench.train_throughput", "--contender", "hf" if name == "hf" else "relaytune",
+        contender = name if name in ("hf", "hf_fp16", "unsloth") else "relaytune"
+        cmd = [sys.executable, *launcher, "-m", "bench.train_throughput", "--contender", contender,
                "--shape", args.shape, "--model-dir", str(args.model_dir), "--rows", str(args.rows),
                "--median", str(args.median), "--sigma", str(args.sigma), "--warmup", str(args.warmup),
                "--train-overrides", json.dumps(train)]
         if args.profile:
             cmd.append("--profile-steps")
+        if args.emulate:
+            cmd += ["--emulate", args.emulate]
         proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +416,6 @@ def summarise(results: dict, args) -> dict:
         bnb = bitsandbytes.__version__
     except ImportError:
         bnb = None
-    base = results.get("hf", {})
     single = results.get("relaytune", {}).get("realistic_mix") or {}
     for r in results.values():
         mix = r.get("realistic_mix")
@@ -320,15 +426,18 @@ def summarise(results: dict, args) -> dict:
         if gpus > 1 and "real_tokens_per_s" in single:
             # Strong scaling: the same global batch (the math) dealt over more processes.
             mix["scaling_efficiency_vs_relaytune"] = round(mix["real_tokens_per_s"] / (gpus * single["real_tokens_per_s"]), 3)
-        if base.get("realistic_mix") and r is not base:
-            mix["speedup_vs_hf"] = round(mix["real_tokens_per_s"] / base["realistic_mix"]["real_tokens_per_s"], 3)
-            mix["first_loss_rel_diff_vs_hf"] = round(
+        for name in ("hf", "hf_fp16"):  # the bf16 tutorial stack, and the one a card without bf16 runs
+            base = results.get(name, {})
+            if not base.get("realistic_mix") or r is base:
+                continue
+            mix[f"speedup_vs_{name}"] = round(mix["real_tokens_per_s"] / base["realistic_mix"]["real_tokens_per_s"], 3)
+            mix[f"first_loss_rel_diff_vs_{name}"] = round(
                 abs(mix["first_losses"][0] - base["realistic_mix"]["first_losses"][0])
                 / base["realistic_mix"]["first_losses"][0], 6)
             study, base_study = r.get("study_config_seq1024_batch8"), base.get("study_config_seq1024_batch8")
             if study and base_study:
-                study["memory_ratio_vs_hf"] = round(study["peak_memory_gib"] / base_study["peak_memory_gib"], 3)
-    return {"benchmark": "train_throughput", "shape": args.shape, "gpu": gpu, "peak_bf16_flops": peak, "flops_per_token": f"6N, N={n}",
+                study[f"memory_ratio_vs_{name}"] = round(study["peak_memory_gib"] / base_study["peak_memory_gib"], 3)
+    return {"benchmark": "train_throughput", "shape": args.shape, "gpu": gpu, "emulated_card": args.emulate, "peak_bf16_flops": peak, "flops_per_token": f"6N, N={n}",
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
                          "peft": peft.__version__, "bitsandbytes": bnb},
             "rows": {"n": args.rows, "lognormal_median": args.median, "sigma": args.sigma, "cap": 1024,
@@ -337,14 +446,15 @@ def summarise(results: dict, args) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{'contender':<22}{'procs':>6}{'real tok/s':>11}{'x hf':>7}{'median s':>9}{'peak GiB':>9}{'MFU':>7}"
-          f"{'loss step1':>11}{'seq1024 GiB':>12}{'x hf mem':>9}{'scaling':>8}")
+    print(f"\n{'contender':<22}{'procs':>6}{'real tok/s':>11}{'x hf':>7}{'x fp16':>7}{'median s':>9}{'peak GiB':>9}"
+          f"{'MFU':>7}{'loss step1':>11}{'seq1024 GiB':>12}{'x hf mem':>9}{'scaling':>8}")
     for name, r in report["contenders"].items():
         mix, study = r.get("realistic_mix", {}), r.get("study_config_seq1024_batch8", {})
         if "real_tokens_per_s" not in mix:
             print(f"{name:<22}{r.get('error', 'no result')}")
             continue
         print(f"{name:<22}{r.get('processes', 1):>6}{mix['real_tokens_per_s']:>11.0f}{mix.get('speedup_vs_hf', 1.0):>7.2f}"
+              f"{mix.get('speedup_vs_hf_fp16', float('nan')):>7.2f}"
               f"{mix['median_step_s']:>9.3f}{mix['peak_memory_gib']:>9.2f}{mix.get('mfu') or 0:>7.3f}"
               f"{mix['first_losses'][0]:>11.4f}{study.get('peak_memory_gib', float('nan')):>12.2f}"
               f"{study.get('memory_ratio_vs_hf', 1.0):>9.2f}{mix.get('scaling_efficiency_vs_relaytune', ''):>8}")

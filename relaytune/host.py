@@ -35,8 +35,9 @@ class HostProfile(StrictModel):
     # SmolLM2). The run first checks that the model keeps packed rows apart (a row's logits must not change when
     # its neighbour does); a model that leaks trains padded instead, and the manifest says so.
     packing: bool | None = None
-    # Tokens per micro-batch at most (a row is never split; a longer one goes alone). null: 3072 on a GPU (a 7B QLoRA
-    # step then peaks near 6 GiB; bench/train_throughput.py measures it), no limit on a CPU.
+    # Tokens per micro-batch at most (a row is never split; a longer one goes alone). null: fitted to the card at
+    # setup on a GPU (train_model.fit_token_budget: probe micro-batches measure the memory per token, the budget
+    # fills 80% of the card; more tokens per micro-batch, fewer fixed costs per token), no limit on a CPU.
     micro_batch_tokens: int | None = Field(None, ge=16)
     # null: on with a GPU (memory is the budget there), off on a CPU (where it only costs time).
     gradient_checkpointing: bool | None = None
@@ -69,13 +70,23 @@ def effective_profile(host: HostProfile, device: str, dtype: str, compute_capabi
     return host.model_copy(update={
         "num_processes": num_processes,
         "packing": gpu if host.packing is None else host.packing,
-        "micro_batch_tokens": host.micro_batch_tokens or (3072 if gpu else None),
+        "micro_batch_tokens": host.micro_batch_tokens,  # null on a GPU: TrainingRun.setup fits it to the card
         "gradient_checkpointing": gpu if host.gradient_checkpointing is None else host.gradient_checkpointing,
         "attn_implementation": attn,
         "compile": attn == "flex_attention" if host.compile is None else host.compile,
         "frozen_weights_fp32": dtype != "bfloat16" if host.frozen_weights_fp32 is None else host.frozen_weights_fp32,
         "dtype": dtype,
     })
+
+
+def fitted_token_budget(peaks: dict[int, int], usable_bytes: float, floor: int, ceiling: int) -> int:
+    """Tokens per micro-batch that fit `usable_bytes`, from the peak memory measured at two probe lengths (a fixed
+    part plus a part linear in the tokens); a multiple of 256 within [floor, ceiling]. Pure."""
+    (short, low), (long, high) = sorted(peaks.items())[:2]
+    per_token = max((high - low) / (long - short), 1.0)
+    fixed = low - per_token * short
+    fitted = int((usable_bytes - fixed) / per_token) // 256 * 256
+    return max(floor, min(ceiling, fitted))
 
 
 def load_host_profile(path: str | Path = HOST_PROFILE_FILE, environ: dict | None = None) -> HostProfile:

@@ -36,8 +36,9 @@ from .relay_folder import (Lineage, TrainerState, check_lineage, data_hash, file
                            restore_rng_state, rng_state, verify_epoch_folder)
 from .train_data import (Example, answer_token_count, collate, epoch_batches, load_training_rows, micro_batches,
                          tokenize_rows)
-from .train_model import (check_packing, compile_decoder_layers, count_4bit_layers, load_model, peak_memory_gib,
-                          trainable_parameters, training_device, training_dtype)
+from .train_model import (check_packing, compile_decoder_layers, compute_capability, count_4bit_layers,
+                          fit_token_budget, load_model, peak_memory_gib, trainable_parameters, training_device,
+                          training_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class TrainingRun:
         self.is_main = self.processes.is_main_process
         self.dtype = training_dtype(host)
         self.requested_host = host
-        capability = torch.cuda.get_device_capability() if self.device == "cuda" else None
+        capability = compute_capability(self.device)
         self.host = effective_profile(host, self.device, str(self.dtype).removeprefix("torch."), capability,
                                       self.num_processes)
         t = params.train
@@ -122,6 +123,8 @@ class TrainingRun:
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         if source is not None:
             self._restore(source, exact=checkpoint_dir is not None or t.handoff == "state")
+        if self.device == "cuda" and self.host.micro_batch_tokens is None:
+            self._fit_token_budget()
         self._check_ranks_agree()
         self.train_model = self._wrap_for_ddp()
 
@@ -152,6 +155,16 @@ class TrainingRun:
 
         device_ids = [torch.cuda.current_device()] if self.device == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _fit_token_budget(self) -> None:
+        """The token budget every rank can hold (the smallest rank's), at most a whole step's share of rows."""
+        from accelerate.utils import gather_object
+
+        ceiling = self.micro_batch_size * self.params.train.max_seq_len
+        fit = fit_token_budget(self.model, self.dtype, self.model.config.vocab_size, ceiling)
+        budget = min(gather_object([fit["budget"]]))
+        self.host = self.host.model_copy(update={"micro_batch_tokens": budget})
+        self.optimisations["token_budget"] = {**fit, "budget": budget}
 
     def _check_ranks_agree(self) -> None:
         """Every rank must start from the same lineage and resume state; hosts that read different files stop here."""

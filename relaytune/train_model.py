@@ -34,6 +34,16 @@ def training_dtype(host: HostProfile) -> torch.dtype:
     return getattr(torch, inference_dtype(host.dtype))
 
 
+# What the host profile reads of the card, in one place each (bench/train_throughput.py --emulate replaces them to
+# resolve another card's profile, leaving torch's own answers to the kernels that compile for the real card).
+def compute_capability(device: str) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability() if device == "cuda" else None
+
+
+def card_memory_bytes() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
 def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: str, dtype: torch.dtype,
                weights_dir: Path | None = None):
     """The base model prepared for params.train.method, with the kernels of the (effective) host profile applied;
@@ -164,6 +174,67 @@ def compile_decoder_layers(model) -> dict:
     for layer in layers:
         layer.compile(dynamic=True)
     return {"applied": True, "layers": len(layers)}
+
+
+# The share of the card's memory a fitted token budget may fill: the caching allocator's fragmentation, the
+# optimizer's first step (Adam's moments appear then) and padded micro-batches need the rest.
+FIT_FILL = 0.8
+PROBE_TOKENS = (1024, 2048)
+
+
+def probe_peaks(model, lengths, dtype: torch.dtype, device: str, vocab_size: int, peak_bytes) -> dict[int, int]:
+    """Peak memory (bytes, by `peak_bytes(run)`, which resets the counter and runs `run`) of one forward and backward
+    of a single row of each length, as a micro-batch of that many tokens costs. Every RNG is forked (training's
+    dropout stream stays where it was) and the gradients are cleared afterwards: the run's math is untouched."""
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    peaks = {}
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        for n in lengths:
+            ids = torch.randint(3, vocab_size, (1, n), device=device)
+
+            def run():
+                with autocast:
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+
+            try:
+                peaks[n] = peak_bytes(run)
+            except torch.OutOfMemoryError:
+                peaks[n] = None  # the caller halves its budget
+            finally:
+                model.zero_grad(set_to_none=True)
+    return peaks
+
+
+def cuda_peak_bytes(run) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def fit_token_budget(model, dtype: torch.dtype, vocab_size: int, ceiling: int) -> dict:
+    """host.micro_batch_tokens for this card when the profile leaves it null: the peak at two probe lengths gives the
+    memory per token (linear under gradient checkpointing), the budget fills FIT_FILL of the card's memory, and a
+    probe at the budget confirms it (halved until it fits). What was measured goes into the manifest."""
+    from .host import fitted_token_budget
+
+    usable = FIT_FILL * card_memory_bytes()
+    peaks = probe_peaks(model, PROBE_TOKENS, dtype, "cuda", vocab_size, cuda_peak_bytes)
+    if None in peaks.values():
+        raise RelaytuneError(f"out of memory at a {max(PROBE_TOKENS)}-token probe micro-batch; set "
+                             "micro_batch_tokens in host.yaml (or RELAYTUNE_MICRO_BATCH_TOKENS)")
+    budget = fitted_token_budget(peaks, usable, floor=PROBE_TOKENS[0], ceiling=ceiling)
+    while True:
+        confirmed = probe_peaks(model, [budget], dtype, "cuda", vocab_size, cuda_peak_bytes)[budget]
+        if budget <= PROBE_TOKENS[0] or (confirmed is not None and confirmed <= usable):
+            break
+        budget = max(PROBE_TOKENS[0], budget // 2)
+    gib = 2**30
+    return {"applied": True, "budget": budget, "usable_gib": round(usable / gib, 2),
+            "probe_peak_gib": {str(n): round(p / gib, 3) for n, p in peaks.items()},
+            "peak_at_budget_gib": None if confirmed is None else round(confirmed / gib, 3)}
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

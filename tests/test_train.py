@@ -127,12 +127,45 @@ def test_effective_profile_resolves_each_null_for_the_machine():
             cpu.frozen_weights_fp32) == (False, None, False, None, False, True)
     h100 = effective_profile(HostProfile(), "cuda", "bfloat16", (9, 0))
     assert (h100.packing, h100.micro_batch_tokens, h100.gradient_checkpointing, h100.attn_implementation, h100.compile,
-            h100.frozen_weights_fp32) == (True, 3072, True, "flex_attention", True, False)
+            h100.frozen_weights_fp32) == (True, None, True, "flex_attention", True, False)  # None: fitted at setup
     t4 = effective_profile(HostProfile(), "cuda", "float16", (7, 5))
     assert (t4.attn_implementation, t4.compile, t4.frozen_weights_fp32) == (None, False, True)
     asked = HostProfile(packing=False, micro_batch_tokens=512, attn_implementation="sdpa", compile=True)
     kept = effective_profile(asked, "cuda", "bfloat16", (9, 0))
     assert (kept.packing, kept.micro_batch_tokens, kept.attn_implementation, kept.compile) == (False, 512, "sdpa", True)
+
+
+def test_the_fitted_token_budget_fills_the_usable_memory_linearly():
+    from relaytune.host import fitted_token_budget
+
+    mib = 2**20
+    peaks = {1024: 6000 * mib, 2048: 6500 * mib}  # 0.5 MiB a token over a fixed 5500 MiB
+    assert fitted_token_budget(peaks, 9500 * mib, floor=1024, ceiling=65536) == 8192  # (9500 - 5500) / 0.5
+    assert fitted_token_budget(peaks, 9500 * mib, floor=1024, ceiling=4096) == 4096  # never above a step's share
+    assert fitted_token_budget(peaks, 5000 * mib, floor=1024, ceiling=65536) == 1024  # never below the probe
+    assert fitted_token_budget(peaks, 9600 * mib, floor=1024, ceiling=65536) % 256 == 0
+
+
+def test_the_budget_probe_leaves_gradients_and_the_dropout_stream_as_they_were(train_repo):
+    """probe_peaks runs forward and backward on the training model: on a CPU with a stand-in for the CUDA peak
+    counter, it must leave no gradient behind and the RNG where training left it (dropout masks unchanged)."""
+    from relaytune.train_model import probe_peaks, trainable_parameters
+
+    run = prepared_run(train_repo)
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    calls = []
+
+    def fake_peak(fn):
+        fn()
+        calls.append([p.grad is not None for p in trainable_parameters(run.model)])
+        return 100 * len(calls)
+
+    peaks = probe_peaks(run.model, [16, 32], torch.float32, "cpu", run.model.config.vocab_size, fake_peak)
+    assert peaks == {16: 100, 32: 200} and all(all(c) for c in calls)  # the backward did reach the adapter
+    assert all(p.grad is None for p in trainable_parameters(run.model))
+    assert torch.equal(torch.rand(3), expected_next)
 
 
 def test_micro_batches_respect_rows_and_tokens():
