@@ -78,13 +78,9 @@ def tests(metrics: dict[str, dict | None], alpha: float) -> list[Test]:
                         f"base, n={d['n']})", "exact McNemar", d["p_value"],
                         "n/a (no discordant pair)" if mde is None else f"±{mde * 100:.1f} points"))
     if sim:
-        for key, name, m in [("bertscore_f1_delta", "BERTScore F1, tuned − base (vs teacher references)",
-                              sim["f1_delta"]),
-                             ("rouge_l_delta", "ROUGE-L F, tuned − base", sim.get("rouge_l_delta"))]:
-            if m:
-                mde = smallest_detectable_mean(m.get("sd"), m["n"], alpha)
-                out.append(Test(key, name, fmt_ci(m, "mean", pct=False), "paired permutation", m["p_value"],
-                                "n/a" if mde is None else f"±{mde:.4f}"))
+        out += paired_mean_tests([("bertscore_f1_delta", "BERTScore F1, tuned − base (vs teacher references)",
+                                   sim["f1_delta"]),
+                                  ("rouge_l_delta", "ROUGE-L F, tuned − base", sim.get("rouge_l_delta"))], alpha)
         eq = sim.get("f1_delta_at_equal_length")
         if eq:
             out.append(Test("bertscore_f1_at_equal_length", "BERTScore F1, tuned − base, at equal answer length",
@@ -99,14 +95,10 @@ def tests(metrics: dict[str, dict | None], alpha: float) -> list[Test]:
                         "n/a (no decisive pair)" if mde is None else f"±{mde * 100:.1f} points of the win share",
                         "" if judge["informative"] else "uninformative judge, see Judge"))
     if gen:
-        for key, name, d in [("answer_nll_delta", "Held-out reference answers' NLL, tuned − base (learned the "
-                              "target data if < 0)", gen.get("answer_nll_delta")),
-                             ("general_nll_delta", "General-text NLL, tuned − base (forgetting if > 0)",
-                              gen["nll_delta"])]:
-            if d:
-                mde = smallest_detectable_mean(d.get("sd"), d["n"], alpha)
-                out.append(Test(key, name, fmt_ci(d, "mean", pct=False), "paired permutation", d["p_value"],
-                                "n/a" if mde is None else f"±{mde:.4f}"))
+        out += paired_mean_tests([("answer_nll_delta", "Held-out reference answers' NLL, tuned − base (learned the "
+                                   "target data if < 0)", gen.get("answer_nll_delta")),
+                                  ("general_nll_delta", "General-text NLL, tuned − base (forgetting if > 0)",
+                                   gen["nll_delta"])], alpha)
         suite = gen.get("suite")
         if suite:
             m = suite["mcnemar"]
@@ -118,6 +110,17 @@ def tests(metrics: dict[str, dict | None], alpha: float) -> list[Test]:
                             f"{d['mean'] * 100:+.1f} points ({m['only_tuned']} only tuned, {m['only_base']} only base, "
                             f"n={suite['n']})", "exact McNemar", m["p_value"],
                             "n/a (no discordant pair)" if mde is None else f"±{mde * 100:.1f} points"))
+    return out
+
+
+def paired_mean_tests(specs: list[tuple[str, str, dict | None]], alpha: float) -> list[Test]:
+    """(key, name, stats.paired_delta result or None) as tests of a paired mean difference (permutation p)."""
+    out = []
+    for key, name, m in specs:
+        if m:
+            mde = smallest_detectable_mean(m.get("sd"), m["n"], alpha)
+            out.append(Test(key, name, fmt_ci(m, "mean", pct=False), "paired permutation", m["p_value"],
+                            "n/a" if mde is None else f"±{mde:.4f}"))
     return out
 
 
