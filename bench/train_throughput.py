@@ -117,29 +117,20 @@ def batches(rows: list, effective_batch_size: int) -> list[list]:
 
 # ---------------------------------------------------------------- contenders
 
-def hf_baseline(model_dir: Path, steps_total: int, dtype=torch.bfloat16):
-    """The plain HF stack, as a tutorial writes it, computing in `dtype` (float16: with a GradScaler, as Trainer's
-    fp16=True); returns a function that runs one optimizer step."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
+def padded_step_loop(model, steps_total: int, dtype):
+    """The optimizer step a tutorial's loop (or Trainer) runs: the whole effective batch padded into one micro-batch,
+    autocast in `dtype` (float16: with a GradScaler, as Trainer's fp16=True), clipping, AdamW at 2e-4 with the
+    cosine schedule after 3% warm-up. Returns the step function."""
+    from transformers import get_scheduler
 
     from relaytune.train_data import collate
 
-    torch.manual_seed(SEED)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": DEVICE},
-                                                 dtype=dtype)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
-    model.config.use_cache = False
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=round(0.03 * steps_total),
                               num_training_steps=steps_total)
-
     scaler = torch.amp.GradScaler(DEVICE) if dtype == torch.float16 else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(rows) -> float:
         batch = {k: v.to(DEVICE) for k, v in collate(rows, PAD_TOKEN_ID, packing=False).items()}
@@ -159,6 +150,24 @@ def hf_baseline(model_dir: Path, steps_total: int, dtype=torch.bfloat16):
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
+    return step
+
+
+def hf_baseline(model_dir: Path, steps_total: int, dtype=torch.bfloat16):
+    """The plain HF stack, as a tutorial writes it, computing in `dtype` (float16: with a GradScaler, as Trainer's
+    fp16=True); returns a function that runs one optimizer step."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(SEED)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": DEVICE},
+                                                 dtype=dtype)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    model.config.use_cache = False
+    step = padded_step_loop(model, steps_total, dtype)
     return step, {"optimisations": "none", "micro_batch": "whole effective batch, padded",
                   "dtype": str(dtype).removeprefix("torch.")}
 
@@ -182,9 +191,6 @@ def unsloth_path(model_dir: Path, steps_total: int, vocab_size: int):
     from unsloth import FastLanguageModel  # first: it patches transformers and peft on import
 
     import unsloth
-    from transformers import get_scheduler
-
-    from relaytune.train_data import collate
 
     word_tokenizer(model_dir, vocab_size)
     model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=1024,
@@ -193,23 +199,7 @@ def unsloth_path(model_dir: Path, steps_total: int, vocab_size: int):
                                              lora_dropout=LORA["lora_dropout"],
                                              target_modules=LORA["target_modules"],
                                              use_gradient_checkpointing="unsloth", random_state=SEED)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=round(0.03 * steps_total),
-                              num_training_steps=steps_total)
-
-    def step(rows) -> float:
-        batch = {k: v.to(DEVICE) for k, v in collate(rows, PAD_TOKEN_ID, packing=False).items()}
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
+    step = padded_step_loop(model, steps_total, torch.bfloat16)
     return step, {"optimisations": "unsloth", "unsloth": unsloth.__version__,
                   "micro_batch": "whole effective batch, padded"}
 

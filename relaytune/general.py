@@ -49,7 +49,7 @@ class ModelPair:
     the drift is the adapter's alone; a full fine-tune is a second model beside the full-precision base."""
 
     def __init__(self, base_path: Path, tuned: TunedModel, dtype: str, trust_remote_code: bool):
-        base = load_for_inference(base_path, dtype, trust_remote_code, tuned.trained_on if tuned.is_adapter else None)
+        base = load_for_inference(base_path, dtype, trust_remote_code, tuned.trained_on)
         if tuned.is_adapter:
             from peft import PeftModel
 
@@ -72,17 +72,26 @@ def token_logprobs(model, input_ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(model(input_ids=torch.tensor([input_ids], device=device)).logits[0, :-1].float(), -1)
 
 
+def paired_logprobs(pair: ModelPair, input_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logprobs of base and of tuned on the same ids."""
+    with pair.base() as base:
+        logp_base = token_logprobs(base, input_ids)
+    return logp_base, token_logprobs(pair.tuned, input_ids)
+
+
+def mean_nll(logp: torch.Tensor, target: torch.Tensor) -> float:
+    return float(-logp.gather(1, target[:, None]).mean())
+
+
 @torch.inference_mode()
 def chunk_scores(pair: ModelPair, chunks: list[list[int]]) -> dict[str, list[float]]:
     """Per chunk: mean next-token NLL under base and tuned, and mean KL(tuned || base) per token."""
     out: dict[str, list[float]] = {"nll_base": [], "nll_tuned": [], "kl": []}
     for chunk in chunks:
-        logp_t = token_logprobs(pair.tuned, chunk)
-        with pair.base() as base:
-            logp_b = token_logprobs(base, chunk)
-        target = torch.tensor(chunk[1:], device=logp_t.device)[:, None]
-        out["nll_tuned"].append(float(-logp_t.gather(1, target).mean()))
-        out["nll_base"].append(float(-logp_b.gather(1, target).mean()))
+        logp_b, logp_t = paired_logprobs(pair, chunk)
+        target = torch.tensor(chunk[1:], device=logp_t.device)
+        out["nll_tuned"].append(mean_nll(logp_t, target))
+        out["nll_base"].append(mean_nll(logp_b, target))
         out["kl"].append(float((logp_t.exp() * (logp_t - logp_b)).sum(-1).mean()))
     return out
 
@@ -113,14 +122,11 @@ def answer_scores(pair: ModelPair, examples: list[ReferenceTokens]) -> dict[str,
     and chat template exactly as training scores its rows (the learning side of the learning-forgetting frontier)."""
     out: dict[str, list[float]] = {"nll_base": [], "nll_tuned": []}
     for example in examples:
-        labels = torch.tensor(example.labels[1:])
-        answer = labels != IGNORE_INDEX
-        target = labels[answer][:, None]
-        with pair.base() as base:
-            logp_b = token_logprobs(base, example.input_ids).cpu()[answer]
-        logp_t = token_logprobs(pair.tuned, example.input_ids).cpu()[answer]
-        out["nll_base"].append(float(-logp_b.gather(1, target).mean()))
-        out["nll_tuned"].append(float(-logp_t.gather(1, target).mean()))
+        logp_b, logp_t = paired_logprobs(pair, example.input_ids)
+        labels = torch.tensor(example.labels[1:], device=logp_t.device)
+        answer = labels != IGNORE_INDEX  # selected on the device: the vocabulary-wide rows never leave it
+        out["nll_base"].append(mean_nll(logp_b[answer], labels[answer]))
+        out["nll_tuned"].append(mean_nll(logp_t[answer], labels[answer]))
     return out
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import RelaytuneError
 from .io import atomic_write_json
-from .models import TunedModel, inference_device, load_for_inference, load_tokenizer, merge_base_description
+from .models import TunedModel, inference_device, load_for_inference, load_tokenizer
 from .params import ModelParams, ProviderParams
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,10 @@ class LocalBackend:
         else:
             # A QLoRA adapter merges into the dequantised 4-bit base it was trained on (None: the unquantised base).
             self.model = load_for_inference(model_dir, dtype, trust_remote_code, tuned.trained_on if tuned else None)
-        if tuned is not None and tuned.is_adapter:
-            from peft import PeftModel
+            if tuned is not None:
+                from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.model, tuned.folder).merge_and_unload()
+                self.model = PeftModel.from_pretrained(self.model, tuned.folder).merge_and_unload()
         self.model.eval()
 
     def complete(self, batch: list[Messages], decoding: Decoding) -> list[Completion]:
@@ -337,7 +337,7 @@ def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir:
     model_params = model if p.model in (None, model.base) else model.model_copy(update={"base": p.model, "revision": None})
     ref = resolve_base_model(model_params)
     dtype = inference_dtype(model.dtype)
-    trained_on = tuned.trained_on if tuned and tuned.is_adapter else None
+    trained_on = tuned.trained_on if tuned else None
     # The same weights in another dtype, or with another adapter or merge base, generate other text; a full
     # fine-tune's weights replace the base's (the base's hash stays in the key: its tokenizer frames the text).
     model_id = (f"{ref.content_hash}{'+' + tuned_hash if tuned_hash else ''}"
@@ -348,6 +348,5 @@ def make_generator(p: ProviderParams, model: ModelParams, where: str, cache_dir:
         "local", model_id, cache, p.batch_size,
         {"provider": "local", "model": ref.spec, "base_url": None, "content_hash": ref.content_hash, "dtype": dtype,
          "adapter": str(tuned.folder) if tuned else None, "adapter_hash": tuned_hash,
-         "adapter_merged_into": (merge_base_description(trained_on) if tuned.is_adapter else None) if tuned else None,
-         "tuned": tuned.description if tuned else None},
+         "adapter_merged_into": tuned.merged_into if tuned else None, "tuned": tuned.description if tuned else None},
     )

@@ -186,16 +186,22 @@ def merge_base_description(trained_on: Quant4bit | None) -> str:
 class TunedModel:
     """What the evaluation stages call "tuned": epoch eval.adapter_epoch's folder, holding an adapter (lora, qlora:
     merged into `trained_on`'s dequantised base, or the full-precision one) or a full fine-tune's whole weights
-    (config.json and safetensors; the tokenizer stays the base model's)."""
+    (config.json and safetensors; the tokenizer stays the base model's). `trained_on` is the base the tuned model
+    is compared against: None (full precision) for every full fine-tune."""
     folder: Path
     is_adapter: bool
     trained_on: Quant4bit | None = None
 
     @property
+    def merged_into(self) -> str | None:
+        """The base an adapter is merged into, in words; None for full weights."""
+        return merge_base_description(self.trained_on) if self.is_adapter else None
+
+    @property
     def description(self) -> str:
         """How provenance, metrics and the report name what was evaluated against the base."""
         if self.is_adapter:
-            return f"adapter merged into the {merge_base_description(self.trained_on)}"
+            return f"adapter merged into the {self.merged_into}"
         return "full fine-tune: its own weights, against the full-precision base"
 
     def weights_hash(self) -> str:
@@ -211,11 +217,11 @@ class TunedModel:
         return "sha256:" + overall.hexdigest()
 
 
-def tuned_model(params) -> TunedModel:
-    """The evaluated epoch's folder (checked to exist) and how it is served."""
+def tuned_model(params, folder: Path | None = None) -> TunedModel:
+    """The evaluated epoch and how it is served; its folder is checked to exist unless given."""
     from .paths import tuned_dir
 
-    return TunedModel(tuned_dir(params), params.train.method != "full", adapter_trained_on(params))
+    return TunedModel(folder or tuned_dir(params), params.train.method != "full", adapter_trained_on(params))
 
 
 def load_for_inference(model_dir: str | Path, dtype: str, trust_remote_code: bool,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import paths
-from .models import TunedModel, adapter_trained_on
+from .models import tuned_model
 from .stats import holm, paired_binary_sd, smallest_detectable_mean, smallest_detectable_share
 
 
@@ -48,8 +48,7 @@ def run_rows(params, manifests: list[dict]) -> list[tuple[str, str]]:
 def tuned_model_served(params) -> str:
     if params.eval.server is not None:
         return f"served by {params.eval.server.base_url} as {params.eval.server.tuned_model}"
-    return TunedModel(paths.epoch_dir(params.eval.adapter_epoch), params.train.method != "full",
-                      adapter_trained_on(params)).description
+    return tuned_model(params, paths.epoch_dir(params.eval.adapter_epoch)).description
 
 
 # ---------------------------------------------------------------- tests

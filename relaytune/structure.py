@@ -106,8 +106,7 @@ def base_and_tuned_weights(base_path, tuned: "TunedModel", target_modules: list[
     update is the adapter's alone); a full fine-tune's weights are read from its epoch folder."""
     from .models import load_for_inference
 
-    base_model = load_for_inference(base_path, "float32", trust_remote_code,
-                                    tuned.trained_on if tuned.is_adapter else None)
+    base_model = load_for_inference(base_path, "float32", trust_remote_code, tuned.trained_on)
     base = adapted_weights(base_model, target_modules)
     if not tuned.is_adapter:
         del base_model
