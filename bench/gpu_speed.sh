@@ -4,6 +4,13 @@
 #                                     (--emulate t4: capability 7.5, no bf16, 15.0 GiB)
 #   bash bench/gpu_speed.sh bf16      hf and relaytune three times: the median of 3 repeats in one call
 #   bash bench/gpu_speed.sh unsloth   hf and Unsloth (carry .wheels too: Unsloth's wheels), or the error that stops it
+#   bash bench/gpu_speed.sh levers    hf, the default, the default with checkpointing forced on, the lean setting with
+#                                     and without compiled layers, and the emulated T4: what each lever gives
+#   bash bench/gpu_speed.sh goals_bf16     issue #16's bf16 goal: hf and relaytune three times, with --goals
+#   bash bench/gpu_speed.sh goals_t4_lean  its other two: hf, the emulated T4 against hf_fp16 emulated with it, and
+#                                          the lean setting (and the same with SDPA), with --goals
+#   (all seven contenders do not fit one 10-minute device call: a relaytune contender takes 2-3 min to load,
+#   compile and fit its budget)
 # Carry .whl (bitsandbytes slimmed by bench/slim_wheel.py to the image's CUDA 13 library, liger-kernel, pydantic).
 # JSON and logs land in $OUT; a short table is printed last.
 set -uo pipefail
@@ -17,6 +24,16 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .wheels/*.whl
     python3 -c "import unsloth" > "$OUT/unsloth_import.log" 2>&1 || { echo "unsloth does not import:"; tail -5 "$OUT/unsloth_import.log"; }
     python3 -m bench.train_throughput --contenders hf,unsloth --out "$OUT/unsloth.json" > "$OUT/unsloth.log" 2>&1 ;;
-  *) echo "usage: bench/gpu_speed.sh t4|bf16|unsloth" >&2; exit 2 ;;
+  levers) TORCHDYNAMO_VERBOSE=1 python3 -m bench.train_throughput --contenders hf,relaytune \
+        --variant relaytune_gc=gradient_checkpointing=true --variant lean1024=micro_batch_tokens=1024 \
+        --variant lean1024_eager=micro_batch_tokens=1024,compile=false --variant t4=emulate=t4 \
+        --out "$OUT/levers.json" > "$OUT/levers.log" 2>&1 ;;
+  goals_bf16) python3 -m bench.train_throughput --goals --contenders hf,relaytune --variant relaytune_2= \
+        --variant relaytune_3= --out "$OUT/goals_bf16.json" > "$OUT/goals_bf16.log" 2>&1 ;;
+  goals_t4_lean) python3 -m bench.train_throughput --goals --contenders hf \
+        --variant hf_fp16_t4=contender=hf_fp16,emulate=t4 --variant t4=emulate=t4 \
+        --variant lean=micro_batch_tokens=1024 --variant lean_sdpa=micro_batch_tokens=1024,attn_implementation=sdpa \
+        --out "$OUT/goals_t4_lean.json" > "$OUT/goals_t4_lean.log" 2>&1 ;;
+  *) echo "usage: bench/gpu_speed.sh t4|bf16|unsloth|levers|goals_bf16|goals_t4_lean" >&2; exit 2 ;;
 esac
 tail -8 "$OUT/$1.log"

@@ -14,7 +14,12 @@ Contenders (each in its own process: Liger patches transformers' classes process
   relaytune  relaytune.train.TrainingRun with its defaults (host profile and params as shipped).
   more, as NAME=KEY=VALUE,...: relaytune with host-profile knobs (RELAYTUNE_* variables) or train.* params changed,
              e.g. --variant padded=packing=false; processes=N runs it under torchrun on N processes (DDP, one per
-             GPU; N=1 too, which measures the DDP wrapper alone), e.g. --variant ddp2=processes=2
+             GPU; N=1 too, which measures the DDP wrapper alone), e.g. --variant ddp2=processes=2; emulate=t4 runs
+             it as --emulate does; contender=hf_fp16 (or hf, unsloth) measures that contender under the name instead,
+             e.g. --variant hf_fp16_t4=contender=hf_fp16,emulate=t4
+--goals adds issue #16's goals, measured from the contenders named relaytune, relaytune_2, relaytune_3 (bf16), t4 and
+hf_fp16_t4 (emulated T4) and lean (the lean host setting): each goal, the measured value and the distance.
+--table FILE prints the README's markdown table of a results file.
 --emulate t4 runs hf_fp16 and every relaytune contender as on a T4: the allocator is capped at 15.0 GiB, and relaytune
 reads compute capability 7.5, no bf16 and 15.0 GiB, so it resolves the T4's profile (fp16 with loss scaling, sdpa, no
 compiled layers, fp32 frozen weights, a token budget fitted to 15 GiB); a P100 (6.0, 15.9 GiB) resolves the same.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -312,19 +318,40 @@ def run_contender(args) -> dict:
 
 # ---------------------------------------------------------------- driver
 
-def parse_variant(text: str) -> tuple[str, dict, dict, int | None]:
-    """NAME=KEY=VALUE,... -> (name, RELAYTUNE_* environment, train.* overrides, torchrun processes or None)."""
+BASE_CONTENDERS = ("hf", "hf_fp16", "unsloth", "relaytune")
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """NAME=KEY=VALUE,... -> (name, {"contender", "env": RELAYTUNE_* environment, "train": train.* overrides,
+    "processes": torchrun processes or None, "emulate": card or None})."""
     name, _, spec = text.partition("=")
-    env, train, processes = {}, {}, None
+    variant = {"contender": name if name in BASE_CONTENDERS else "relaytune", "env": {}, "train": {},
+               "processes": None, "emulate": None}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         if key.startswith("train."):
-            train[key.removeprefix("train.")] = json.loads(value)
+            variant["train"][key.removeprefix("train.")] = json.loads(value)
         elif key == "processes":
-            processes = int(value)
+            variant["processes"] = int(value)
+        elif key == "emulate":
+            if value not in EMULATED:
+                raise SystemExit(f"--variant {name}: emulate={value}, expected one of {', '.join(EMULATED)}")
+            variant["emulate"] = value
+        elif key == "contender":
+            if value not in BASE_CONTENDERS:
+                raise SystemExit(f"--variant {name}: contender={value}, expected one of {', '.join(BASE_CONTENDERS)}")
+            variant["contender"] = value
         else:
-            env["RELAYTUNE_" + key.upper()] = value
-    return name, env, train, processes
+            variant["env"]["RELAYTUNE_" + key.upper()] = value
+    return name, variant
+
+
+def failure_line(stderr: str) -> str:
+    """The line of a failed contender's stderr that names the error (the exception's own line, not the hint torch
+    prints after it)."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
+    return (errors or lines or ["failed, with nothing on stderr"])[-1][:500]
 
 
 def main() -> None:
@@ -340,11 +367,16 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE,... (see above)")
     parser.add_argument("--profile", default=None, help="print the top CUDA kernels of this contender instead")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--goals", action="store_true", help="add issue #16's goals to the report (see above)")
+    parser.add_argument("--table", type=Path, help="print the markdown table of this results file, and stop")
     # internal: run one contender in this process
     parser.add_argument("--contender")
     parser.add_argument("--train-overrides", default="{}")
     parser.add_argument("--profile-steps", action="store_true")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return
     args.model_dir = args.model_dir or Path(f"/tmp/random-{args.shape}")
     if args.contender:
         result = run_contender(args)
@@ -353,35 +385,35 @@ def main() -> None:
         return
 
     build_random_model(args.model_dir, SHAPES[args.shape])
-    variants = {name: ({}, {}, None) for name in ("hf", "hf_fp16", "unsloth", "relaytune")}
-    variants.update({name: (env, train, processes) for name, env, train, processes in map(parse_variant, args.variant)})
+    variants = dict(parse_variant(name) for name in BASE_CONTENDERS)
+    variants.update(parse_variant(v) for v in args.variant)
     names = [n for n in args.contenders.split(",") if n] + [parse_variant(v)[0] for v in args.variant]
     if args.profile:
         names = [args.profile]
     results = {}
     for name in names:
-        env, train, processes = variants[name]
+        variant = variants[name]
+        processes, emulated = variant["processes"], variant["emulate"] or args.emulate
         launcher = [] if processes is None else ["-m", "torch.distributed.run", "--standalone",
                                                  f"--nproc-per-node={processes}"]
-        contender = name if name in ("hf", "hf_fp16", "unsloth") else "relaytune"
-        cmd = [sys.executable, *launcher, "-m", "bench.train_throughput", "--contender", contender,
+        cmd = [sys.executable, *launcher, "-m", "bench.train_throughput", "--contender", variant["contender"],
                "--shape", args.shape, "--model-dir", str(args.model_dir), "--rows", str(args.rows),
                "--median", str(args.median), "--sigma", str(args.sigma), "--warmup", str(args.warmup),
-               "--train-overrides", json.dumps(train)]
+               "--train-overrides", json.dumps(variant["train"])]
         if args.profile:
             cmd.append("--profile-steps")
-        if args.emulate:
-            cmd += ["--emulate", args.emulate]
-        proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+        if emulated:
+            cmd += ["--emulate", emulated]
+        proc = subprocess.run(cmd, env={**os.environ, **variant["env"]}, capture_output=True, text=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             (args.out.parent / f"{name}.stderr.log").write_text(proc.stderr)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
-            results[name] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+            results[name] = {"error": failure_line(proc.stderr), "stderr_log": f"{name}.stderr.log"}
         else:
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[name]["env"], results[name]["train_overrides"] = env, train
+            results[name]["env"], results[name]["train_overrides"] = variant["env"], variant["train"]
             results[name]["processes"] = processes or 1
         if args.profile:
             print(results[name].get("realistic_mix", {}).get("profile", results[name]))
@@ -416,7 +448,7 @@ def summarise(results: dict, args) -> dict:
         if gpus > 1 and "real_tokens_per_s" in single:
             # Strong scaling: the same global batch (the math) dealt over more processes.
             mix["scaling_efficiency_vs_relaytune"] = round(mix["real_tokens_per_s"] / (gpus * single["real_tokens_per_s"]), 3)
-        for name in ("hf", "hf_fp16"):  # the bf16 tutorial stack, and the one a card without bf16 runs
+        for name in ("hf", "hf_fp16", "hf_fp16_t4"):  # the bf16 tutorial stack; the one a card without bf16 runs
             base = results.get(name, {})
             if not base.get("realistic_mix") or r is base:
                 continue
@@ -427,12 +459,90 @@ def summarise(results: dict, args) -> dict:
             study, base_study = r.get("study_config_seq1024_batch8"), base.get("study_config_seq1024_batch8")
             if study and base_study:
                 study[f"memory_ratio_vs_{name}"] = round(study["peak_memory_gib"] / base_study["peak_memory_gib"], 3)
-    return {"benchmark": "train_throughput", "shape": args.shape, "gpu": gpu, "emulated_card": args.emulate, "peak_bf16_flops": peak, "flops_per_token": f"6N, N={n}",
+    report = {"benchmark": "train_throughput", "shape": args.shape, "gpu": gpu, "emulated_card": args.emulate,
+              "peak_bf16_flops": peak, "flops_per_token": f"6N, N={n}",
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
                          "peft": peft.__version__, "bitsandbytes": bnb},
             "rows": {"n": args.rows, "lognormal_median": args.median, "sigma": args.sigma, "cap": 1024,
                      "effective_batch_size": 8, "warmup_steps": args.warmup},
             "contenders": results}
+    if args.goals:
+        report["goals"] = issue16_goals(results)
+    return report
+
+
+def speed(results: dict, name: str, reference: str) -> float | None:
+    return results.get(name, {}).get("realistic_mix", {}).get(f"speedup_vs_{reference}")
+
+
+def issue16_goals(results: dict) -> dict:
+    """Issue #16's goals against what this call measured: each one's target, value, whether it is met and the
+    distance (value / target for speed, target / value for memory, so that under 1 means short of it)."""
+    def goal(value, target, met, distance, **more):
+        return {"target": target, "value": value, "met": met, "distance": distance, **more}
+
+    goals = {}
+    repeats = [speed(results, n, "hf") for n in ("relaytune", "relaytune_2", "relaytune_3")]
+    if all(repeats):
+        median = statistics.median(repeats)
+        goals["bf16_speedup_vs_hf"] = goal(median, 4.0, median >= 4.0 and min(repeats) > 3.0, round(median / 4.0, 3),
+                                           repeats=repeats, each_above=3.0)
+    t4 = results.get("t4", {})
+    t4_speed = speed(results, "t4", "hf_fp16_t4")
+    if t4_speed:
+        t4_gib = t4["study_config_seq1024_batch8"]["peak_memory_gib"]
+        goals["t4_speedup_vs_hf_fp16"] = goal(t4_speed, 2.0, t4_speed >= 2.0 and t4_gib < 14.0,
+                                              round(t4_speed / 2.0, 3), study_config_gib=t4_gib,
+                                              study_config_gib_below=14.0)
+    lean = results.get("lean", {}).get("study_config_seq1024_batch8", {})
+    hf = results.get("hf", {}).get("study_config_seq1024_batch8", {})
+    if lean and hf:
+        ratio = round(lean["peak_memory_gib"] / hf["peak_memory_gib"], 3)
+        goals["lean_memory_vs_hf"] = goal(ratio, 0.4, ratio <= 0.4, round(0.4 / ratio, 3),
+                                          speedup_vs_hf=speed(results, "lean", "hf"))
+    losses = {n: r["realistic_mix"]["first_losses"][0] for n, r in results.items() if "realistic_mix" in r}
+    if len(losses) > 1:
+        spread = (max(losses.values()) - min(losses.values())) / min(losses.values())
+        goals["step1_losses_agree"] = goal(round(spread, 6), 1e-3, spread <= 1e-3, None)
+    return goals
+
+
+def markdown_table(report: dict) -> str:
+    """The README's table of one results file: setup, tokens/s, × hf (and × hf_fp16 for the emulated T4), peak
+    memory, MFU, step-1 loss agreement and the study configuration's memory."""
+    rows = ["| contender | setup | real tokens/s | × hf | × hf_fp16 | peak GiB | MFU (6N) | step-1 loss, rel. diff "
+            "to hf | peak GiB, seq 1024 × 8 (× hf) | budget, checkpointing |", "|" + "---|" * 10]
+    for name, r in report["contenders"].items():
+        if "realistic_mix" not in r:
+            rows.append(f"| {name} | failed: `{r.get('error')}` |" + " |" * 8)
+            continue
+        mix, study, setup = r["realistic_mix"], r.get("study_config_seq1024_batch8", {}), r["setup"]
+        profile = setup.get("effective_host_profile", {})
+        if profile:
+            what = (f"relaytune, {profile['dtype']}, {profile['attn_implementation'] or 'sdpa'}, "
+                    f"compile {'on' if profile['compile'] else 'off'}")
+        elif "unsloth" in setup:
+            what = f"Unsloth {setup['unsloth']}, bfloat16"
+        else:
+            what = f"plain HF stack, {setup.get('dtype')} autocast"
+        if r.get("emulated"):
+            what += f", emulated {r['emulated']}"
+        if r.get("env") or r.get("train_overrides"):
+            what += ", " + ", ".join(f"{k.removeprefix('RELAYTUNE_').lower()}={v}"
+                                     for k, v in {**r.get("env", {}), **r.get("train_overrides", {})}.items())
+        fit = setup.get("optimisations", {}).get("token_budget", {}) if profile else {}
+        budget = (f"{profile['micro_batch_tokens'] or 'no limit'}, {'on' if profile['gradient_checkpointing'] else 'off'}"
+                  + (" (fitted)" if fit else "")) if profile else "whole step, on"
+        loss_diff = mix.get("first_loss_rel_diff_vs_hf")
+        fp16 = mix.get("speedup_vs_hf_fp16") or mix.get("speedup_vs_hf_fp16_t4")
+        rows.append(f"| {name} | {what} | {mix['real_tokens_per_s']:,.0f} | {mix.get('speedup_vs_hf', 1.0):.2f} | "
+                    f"{'' if fp16 is None else f'{fp16:.2f}'} | {mix['peak_memory_gib']:.2f} | "
+                    f"{100 * (mix.get('mfu') or 0):.1f}% | {'—' if loss_diff is None else f'{loss_diff:.1e}'} | "
+                    f"{study.get('peak_memory_gib', float('nan')):.2f} ({study.get('memory_ratio_vs_hf', 1.0):.2f}) | "
+                    f"{budget} |")
+    goals = [f"- goal `{name}`: {g['value']} against {g['target']}: {'met' if g['met'] else 'not met'}"
+             + (f" (distance {g['distance']})" if g["distance"] else "") for name, g in report.get("goals", {}).items()]
+    return "\n".join(rows + ([""] + goals if goals else []))
 
 
 def print_table(report: dict) -> None:

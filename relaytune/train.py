@@ -11,6 +11,7 @@ rank arithmetic (distributed.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -36,9 +37,9 @@ from .relay_folder import (Lineage, TrainerState, check_lineage, data_hash, file
                            restore_rng_state, rng_state, verify_epoch_folder)
 from .train_data import (Example, answer_token_count, collate, epoch_batches, load_training_rows, micro_batches,
                          tokenize_rows)
-from .train_model import (check_packing, compile_decoder_layers, compute_capability, count_4bit_layers,
-                          fit_token_budget, load_model, peak_memory_gib, trainable_parameters, training_device,
-                          training_dtype)
+from .train_model import (FLEX_BLOCK_TOKENS, check_packing, compile_decoder_layers, compute_capability,
+                          count_4bit_layers, fit_memory_plan, load_model, peak_memory_gib, set_gradient_checkpointing,
+                          trainable_parameters, training_device, training_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +158,31 @@ class TrainingRun:
         return DistributedDataParallel(self.model, device_ids=device_ids)
 
     def _fit_token_budget(self) -> None:
-        """The token budget every rank can hold (the smallest rank's), at most a whole step's share of rows."""
+        """Gradient checkpointing (where the profile leaves it null) and the token budget, fitted to the card; every
+        rank takes the same: checkpointing stays on if any rank needs it, and the budget is the smallest rank's."""
         from accelerate.utils import gather_object
 
         ceiling = self.micro_batch_size * self.params.train.max_seq_len
-        fit = fit_token_budget(self.model, self.dtype, self.model.config.vocab_size, ceiling)
-        budget = min(gather_object([fit["budget"]]))
-        self.host = self.host.model_copy(update={"micro_batch_tokens": budget})
-        self.optimisations["token_budget"] = {**fit, "budget": budget}
+        fit_plan = functools.partial(fit_memory_plan, self.model, self.dtype, self.model.config.vocab_size, ceiling)
+        may_drop = self.requested_host.gradient_checkpointing is None
+        plan = fit_plan(self._tokens_needed_without_checkpointing(), may_drop)
+        if may_drop and not all(p["gradient_checkpointing"] is False for p in gather_object([plan])):
+            if plan["gradient_checkpointing"] is False:  # this rank could drop it, another cannot
+                set_gradient_checkpointing(self.model, True)
+                plan = fit_plan(0, may_drop_checkpointing=False)
+        budget = min(gather_object([plan["budget"]]))
+        self.host = self.host.model_copy(update={"micro_batch_tokens": budget,
+                                                 "gradient_checkpointing": plan["gradient_checkpointing"]})
+        self.optimisations["token_budget"] = {**plan, "budget": budget}
+
+    def _tokens_needed_without_checkpointing(self) -> int:
+        """Tokens a micro-batch must hold to train without checkpointing: the longest row (a row is never split) and
+        the median step's share of this rank (so that most steps stay one micro-batch)."""
+        t = self.params.train
+        steps = epoch_batches(len(self.examples), t.effective_batch_size, self.params.seed, self.state.epoch + 1)
+        shares = [sum(len(self.examples[i].input_ids) for i in rank_share(step, self.rank, self.num_processes))
+                  for step in steps]
+        return max(max(len(e.input_ids) for e in self.examples), int(np.median(shares)))
 
     def _check_ranks_agree(self) -> None:
         """Every rank must start from the same lineage and resume state; hosts that read different files stop here."""
@@ -256,11 +274,12 @@ class TrainingRun:
         total_loss = 0.0
         tokens = 0
         autocast = torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        min_packed = FLEX_BLOCK_TOKENS if self.host.attn_implementation == "flex_attention" else 0
         try:
             for index, group in enumerate(groups):
                 micro = [own[i] for i in group]
                 batch = {k: v.to(self.device) for k, v in
-                         collate(micro, self.pad_token_id, self.host.packing).items()}
+                         collate(micro, self.pad_token_id, self.host.packing, min_packed).items()}
                 with self._gradient_sync(index == len(groups) - 1):
                     with autocast:
                         loss = self.train_model(**batch, num_items_in_batch=n_answer_tokens).loss

@@ -90,15 +90,21 @@ def micro_batches(lengths: list[int], max_rows: int, max_tokens: int | None) -> 
     return groups
 
 
-def collate(examples: list[Example], pad_token_id: int, packing: bool) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], pad_token_id: int, packing: bool,
+            min_packed_tokens: int = 0) -> dict[str, torch.Tensor]:
     """Pad per micro-batch (labels with IGNORE_INDEX), or (packing) concatenate rows into one padding-free sequence
-    whose position ids restart at every row, so that attention stays inside each row."""
+    whose position ids restart at every row, so that attention stays inside each row. A packed sequence shorter than
+    `min_packed_tokens` gets one more row of padding, its own (position ids restart, labels ignored): the real rows'
+    logits and loss do not change."""
     from torch.nn.utils.rnn import pad_sequence
     from transformers import DataCollatorWithFlattening
 
     if packing:
-        return DataCollatorWithFlattening(return_tensors="pt")(
-            [{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+        short = min_packed_tokens - sum(len(e.input_ids) for e in examples)
+        if short > 0:
+            rows.append({"input_ids": [pad_token_id] * short, "labels": [IGNORE_INDEX] * short})
+        return DataCollatorWithFlattening(return_tensors="pt")(rows)
 
     def pad(rows: list[list[int]], value: int) -> torch.Tensor:
         return pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=value)

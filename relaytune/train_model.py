@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 # Relative logit change above which packed rows are taken to see each other (rounding stays far below).
 PACKING_LEAK_TOLERANCE = 1e-3
+# flex_attention's block size: a packed micro-batch shorter than one block (a lone short row, under a small token
+# budget) stopped torch 2.11's inductor in flex attention's backward (NoValidChoicesError, one query block), so such
+# a micro-batch is padded to one block with a row of its own (train_data.collate).
+FLEX_BLOCK_TOKENS = 128
 
 
 def training_device() -> str:
@@ -214,27 +218,61 @@ def cuda_peak_bytes(run) -> int:
     return torch.cuda.max_memory_allocated()
 
 
-def fit_token_budget(model, dtype: torch.dtype, vocab_size: int, ceiling: int) -> dict:
-    """host.micro_batch_tokens for this card when the profile leaves it null: the peak at two probe lengths gives the
-    memory per token (linear under gradient checkpointing), the budget fills FIT_FILL of the card's memory, and a
-    probe at the budget confirms it (halved until it fits). What was measured goes into the manifest."""
+def fit_token_budget(model, dtype: torch.dtype, vocab_size: int, ceiling: int) -> dict | None:
+    """host.micro_batch_tokens for this card, with the model's gradient checkpointing as it is now: the peak at two
+    probe lengths gives the memory per token (linear, with or without checkpointing), the budget fills FIT_FILL of
+    the card's memory, and a probe at the budget confirms it (halved until it fits). What was measured, for the
+    manifest; None where the probes themselves do not fit."""
     from .host import fitted_token_budget
 
     usable = FIT_FILL * card_memory_bytes()
     peaks = probe_peaks(model, PROBE_TOKENS, dtype, "cuda", vocab_size, cuda_peak_bytes)
-    if None in peaks.values():
-        raise RelaytuneError(f"out of memory at a {max(PROBE_TOKENS)}-token probe micro-batch; set "
-                             "micro_batch_tokens in host.yaml (or RELAYTUNE_MICRO_BATCH_TOKENS)")
+    if None in peaks.values() or max(peaks.values()) > usable:
+        torch.cuda.empty_cache()  # an out-of-memory probe leaves its blocks cached
+        return None
     budget = fitted_token_budget(peaks, usable, floor=PROBE_TOKENS[0], ceiling=ceiling)
     while True:
         confirmed = probe_peaks(model, [budget], dtype, "cuda", vocab_size, cuda_peak_bytes)[budget]
         if budget <= PROBE_TOKENS[0] or (confirmed is not None and confirmed <= usable):
             break
         budget = max(PROBE_TOKENS[0], budget // 2)
+    torch.cuda.empty_cache()
     gib = 2**30
     return {"applied": True, "budget": budget, "usable_gib": round(usable / gib, 2),
             "probe_peak_gib": {str(n): round(p / gib, 3) for n, p in peaks.items()},
             "peak_at_budget_gib": None if confirmed is None else round(confirmed / gib, 3)}
+
+
+def set_gradient_checkpointing(model, on: bool) -> None:
+    """Switch checkpointing of the decoder layers (non-reentrant, as load_model sets it) on or off in place."""
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def fit_memory_plan(model, dtype: torch.dtype, vocab_size: int, ceiling: int, needed_without_checkpointing: int,
+                    may_drop_checkpointing: bool) -> dict:
+    """Gradient checkpointing and the token budget for this card. Checkpointing recomputes every layer's forward in
+    backward (a third more compute, and a third dequantisation pass of the NF4 weights): where the card holds
+    `needed_without_checkpointing` tokens per micro-batch without it (the longest row, and the typical step in one
+    micro-batch), it goes off; otherwise it stays on and the budget is fitted with it. Neither changes the math."""
+    without = None
+    if may_drop_checkpointing:
+        set_gradient_checkpointing(model, False)
+        without = fit_token_budget(model, dtype, vocab_size, ceiling)
+        if without is not None and without["budget"] >= needed_without_checkpointing:
+            return {**without, "gradient_checkpointing": False, "needed_without_checkpointing": needed_without_checkpointing}
+        set_gradient_checkpointing(model, True)
+    fit = fit_token_budget(model, dtype, vocab_size, ceiling)
+    if fit is None:
+        raise RelaytuneError(f"out of memory at a {max(PROBE_TOKENS)}-token probe micro-batch; set "
+                             "micro_batch_tokens in host.yaml (or RELAYTUNE_MICRO_BATCH_TOKENS)")
+    plan = {**fit, "gradient_checkpointing": True}
+    if may_drop_checkpointing:
+        plan["without_checkpointing"] = without or "the probes did not fit"
+        plan["needed_without_checkpointing"] = needed_without_checkpointing
+    return plan
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

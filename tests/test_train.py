@@ -119,6 +119,30 @@ def test_packing_keeps_rows_apart(train_repo):
     assert abs(packed.item() - padded.item()) < 1e-4
 
 
+def test_a_short_packed_micro_batch_padded_to_one_flex_block_keeps_its_loss_and_gradients(train_repo):
+    """collate's min_packed_tokens (one flex block, for a lone short row under a small token budget) adds a row of
+    padding of its own: the loss over the real answer tokens and every adapter gradient stay as they were."""
+    from relaytune.train_model import FLEX_BLOCK_TOKENS, trainable_parameters
+
+    run = prepared_run(train_repo)
+    rows = [min(run.examples, key=lambda e: len(e.input_ids))]
+    assert len(rows[0].input_ids) < FLEX_BLOCK_TOKENS
+    n_answer = sum(sum(1 for t in e.labels[1:] if t != -100) for e in rows)
+    run.model.eval()  # no dropout: the two passes see the same masks
+    losses, grads = [], []
+    for min_tokens in (0, FLEX_BLOCK_TOKENS):
+        batch = collate(rows, run.pad_token_id, packing=True, min_packed_tokens=min_tokens)
+        assert batch["input_ids"].shape[1] == max(min_tokens, len(rows[0].input_ids))
+        loss = run.model(**batch, num_items_in_batch=n_answer).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in trainable_parameters(run.model)])
+        run.model.zero_grad(set_to_none=True)
+    assert abs(losses[0] - losses[1]) < 1e-5
+    assert any(g.abs().max() > 0 for g in grads[0])  # the backward reached the adapter
+    assert max((a - b).abs().max().item() for a, b in zip(*grads)) < 1e-6
+
+
 # ---------------------------------------------------------------- speed-ups: host knobs that keep the math
 
 def test_effective_profile_resolves_each_null_for_the_machine():
@@ -166,6 +190,44 @@ def test_the_budget_probe_leaves_gradients_and_the_dropout_stream_as_they_were(t
     assert peaks == {16: 100, 32: 200} and all(all(c) for c in calls)  # the backward did reach the adapter
     assert all(p.grad is None for p in trainable_parameters(run.model))
     assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_checkpointing_goes_off_only_where_the_card_holds_the_needed_tokens_without_it(train_repo, monkeypatch):
+    """fit_memory_plan on a CPU with stand-ins for the card: probe peaks that depend on whether the model checkpoints
+    (0.5 MiB a token with it, 4 MiB without, over 1000 MiB fixed); the plan drops checkpointing where the card holds
+    the needed tokens without it, keeps it (and records why) where not, and never probes without it when the host
+    profile set it."""
+    import relaytune.train_model as train_model
+
+    mib = 2**20
+    run = prepared_run(train_repo)
+    model = run.model
+    probed = []
+
+    def fake_probe(model, lengths, dtype, device, vocab_size, peak_bytes):
+        per_token = 4 if not model.is_gradient_checkpointing else 0.5
+        probed.append(model.is_gradient_checkpointing)
+        return {n: int((1000 + per_token * n) * mib) for n in lengths}
+
+    monkeypatch.setattr(train_model, "probe_peaks", fake_probe)
+    monkeypatch.setattr(train_model, "card_memory_bytes", lambda: int(50_000 * mib))  # 40,000 MiB usable
+    big = train_model.fit_memory_plan(model, torch.float32, 100, ceiling=8192, needed_without_checkpointing=4000,
+                                      may_drop_checkpointing=True)
+    assert big["gradient_checkpointing"] is False and not model.is_gradient_checkpointing
+    assert big["budget"] == 8192 and set(probed) == {False}  # (40,000 - 1000) / 4 tokens: the ceiling
+
+    probed.clear()
+    monkeypatch.setattr(train_model, "card_memory_bytes", lambda: int(20_000 * mib))  # 16,000 MiB usable
+    small = train_model.fit_memory_plan(model, torch.float32, 100, ceiling=8192, needed_without_checkpointing=4000,
+                                        may_drop_checkpointing=True)
+    assert small["gradient_checkpointing"] is True and model.is_gradient_checkpointing
+    assert small["without_checkpointing"]["budget"] == 3584 < 4000  # (16,000 - 1000) / 4, to a multiple of 256
+    assert small["budget"] == 8192 and probed[0] is False and probed[-1] is True
+
+    probed.clear()
+    kept = train_model.fit_memory_plan(model, torch.float32, 100, ceiling=8192, needed_without_checkpointing=0,
+                                       may_drop_checkpointing=False)
+    assert kept["gradient_checkpointing"] is True and set(probed) == {True} and "without_checkpointing" not in kept
 
 
 def test_micro_batches_respect_rows_and_tokens():
