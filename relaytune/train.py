@@ -38,8 +38,8 @@ from .relay_folder import (Lineage, TrainerState, check_lineage, data_hash, file
 from .train_data import (Example, answer_token_count, collate, epoch_batches, load_training_rows, micro_batches,
                          tokenize_rows)
 from .train_model import (FLEX_BLOCK_TOKENS, check_packing, compile_decoder_layers, compute_capability,
-                          count_4bit_layers, fit_memory_plan, load_model, peak_memory_gib, set_gradient_checkpointing,
-                          trainable_parameters, training_device, training_dtype)
+                          count_4bit_layers, fit_memory_plan, load_model, peak_memory_gib, trainable_parameters,
+                          training_device, training_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,11 @@ class TrainingRun:
 
         ceiling = self.micro_batch_size * self.params.train.max_seq_len
         fit_plan = functools.partial(fit_memory_plan, self.model, self.dtype, self.model.config.vocab_size, ceiling)
-        may_drop = self.requested_host.gradient_checkpointing is None
-        plan = fit_plan(self._tokens_needed_without_checkpointing(), may_drop)
-        if may_drop and not all(p["gradient_checkpointing"] is False for p in gather_object([plan])):
+        asked = self.requested_host.gradient_checkpointing
+        plan = fit_plan(self._tokens_needed_without_checkpointing(), asked)
+        if asked is None and not all(p["gradient_checkpointing"] is False for p in gather_object([plan])):
             if plan["gradient_checkpointing"] is False:  # this rank could drop it, another cannot
-                set_gradient_checkpointing(self.model, True)
-                plan = fit_plan(0, may_drop_checkpointing=False)
+                plan = fit_plan(0, checkpointing=True)
         budget = min(gather_object([plan["budget"]]))
         self.host = self.host.model_copy(update={"micro_batch_tokens": budget,
                                                  "gradient_checkpointing": plan["gradient_checkpointing"]})

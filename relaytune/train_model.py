@@ -74,7 +74,7 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
     optimisations = {"liger": apply_liger_kernels(model, host, device)}
     if method == "full":
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_gradient_checkpointing(model, True)
         model.config.use_cache = False
         return model, optimisations
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -84,7 +84,7 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
             model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_gradient_checkpointing(model, True)
         model.enable_input_require_grads()
     model.config.use_cache = False
     lora = params.lora
@@ -244,7 +244,8 @@ def fit_token_budget(model, dtype: torch.dtype, vocab_size: int, ceiling: int) -
 
 
 def set_gradient_checkpointing(model, on: bool) -> None:
-    """Switch checkpointing of the decoder layers (non-reentrant, as load_model sets it) on or off in place."""
+    """Switch checkpointing of the decoder layers on or off in place (non-reentrant: it composes with compiled layers
+    and with inputs that need no gradient)."""
     if on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -252,24 +253,25 @@ def set_gradient_checkpointing(model, on: bool) -> None:
 
 
 def fit_memory_plan(model, dtype: torch.dtype, vocab_size: int, ceiling: int, needed_without_checkpointing: int,
-                    may_drop_checkpointing: bool) -> dict:
-    """Gradient checkpointing and the token budget for this card. Checkpointing recomputes every layer's forward in
-    backward (a third more compute, and a third dequantisation pass of the NF4 weights): where the card holds
+                    checkpointing: bool | None) -> dict:
+    """Gradient checkpointing and the token budget for this card. `checkpointing` is what the host profile asked:
+    true or false is kept, and only the budget is fitted. null: checkpointing recomputes every layer's forward in
+    backward (a third more compute, and a third dequantisation pass of the NF4 weights), so where the card holds
     `needed_without_checkpointing` tokens per micro-batch without it (the longest row, and the typical step in one
-    micro-batch), it goes off; otherwise it stays on and the budget is fitted with it. Neither changes the math."""
+    micro-batch), it goes off; otherwise it goes on and the budget is fitted with it. Neither changes the math."""
     without = None
-    if may_drop_checkpointing:
+    if checkpointing is None:
         set_gradient_checkpointing(model, False)
         without = fit_token_budget(model, dtype, vocab_size, ceiling)
         if without is not None and without["budget"] >= needed_without_checkpointing:
             return {**without, "gradient_checkpointing": False, "needed_without_checkpointing": needed_without_checkpointing}
-        set_gradient_checkpointing(model, True)
+    set_gradient_checkpointing(model, checkpointing is not False)
     fit = fit_token_budget(model, dtype, vocab_size, ceiling)
     if fit is None:
         raise RelaytuneError(f"out of memory at a {max(PROBE_TOKENS)}-token probe micro-batch; set "
                              "micro_batch_tokens in host.yaml (or RELAYTUNE_MICRO_BATCH_TOKENS)")
-    plan = {**fit, "gradient_checkpointing": True}
-    if may_drop_checkpointing:
+    plan = {**fit, "gradient_checkpointing": checkpointing is not False}
+    if checkpointing is None:
         plan["without_checkpointing"] = without or "the probes did not fit"
         plan["needed_without_checkpointing"] = needed_without_checkpointing
     return plan

@@ -195,8 +195,7 @@ def test_the_budget_probe_leaves_gradients_and_the_dropout_stream_as_they_were(t
 def test_checkpointing_goes_off_only_where_the_card_holds_the_needed_tokens_without_it(train_repo, monkeypatch):
     """fit_memory_plan on a CPU with stand-ins for the card: probe peaks that depend on whether the model checkpoints
     (0.5 MiB a token with it, 4 MiB without, over 1000 MiB fixed); the plan drops checkpointing where the card holds
-    the needed tokens without it, keeps it (and records why) where not, and never probes without it when the host
-    profile set it."""
+    the needed tokens without it, turns it on (and records why) where not, and keeps what the host profile set."""
     import relaytune.train_model as train_model
 
     mib = 2**20
@@ -212,22 +211,28 @@ def test_checkpointing_goes_off_only_where_the_card_holds_the_needed_tokens_with
     monkeypatch.setattr(train_model, "probe_peaks", fake_probe)
     monkeypatch.setattr(train_model, "card_memory_bytes", lambda: int(50_000 * mib))  # 40,000 MiB usable
     big = train_model.fit_memory_plan(model, torch.float32, 100, ceiling=8192, needed_without_checkpointing=4000,
-                                      may_drop_checkpointing=True)
+                                      checkpointing=None)
     assert big["gradient_checkpointing"] is False and not model.is_gradient_checkpointing
     assert big["budget"] == 8192 and set(probed) == {False}  # (40,000 - 1000) / 4 tokens: the ceiling
 
     probed.clear()
     monkeypatch.setattr(train_model, "card_memory_bytes", lambda: int(20_000 * mib))  # 16,000 MiB usable
     small = train_model.fit_memory_plan(model, torch.float32, 100, ceiling=8192, needed_without_checkpointing=4000,
-                                        may_drop_checkpointing=True)
+                                        checkpointing=None)
     assert small["gradient_checkpointing"] is True and model.is_gradient_checkpointing
     assert small["without_checkpointing"]["budget"] == 3584 < 4000  # (16,000 - 1000) / 4, to a multiple of 256
     assert small["budget"] == 8192 and probed[0] is False and probed[-1] is True
 
     probed.clear()
     kept = train_model.fit_memory_plan(model, torch.float32, 100, ceiling=8192, needed_without_checkpointing=0,
-                                       may_drop_checkpointing=False)
+                                       checkpointing=True)
     assert kept["gradient_checkpointing"] is True and set(probed) == {True} and "without_checkpointing" not in kept
+
+    probed.clear()  # a profile that turned it off keeps it off, whatever the card holds
+    off = train_model.fit_memory_plan(model, torch.float32, 100, ceiling=8192, needed_without_checkpointing=10**6,
+                                      checkpointing=False)
+    assert off["gradient_checkpointing"] is False and not model.is_gradient_checkpointing and set(probed) == {False}
+    assert "without_checkpointing" not in off
 
 
 def test_micro_batches_respect_rows_and_tokens():
