@@ -8,7 +8,7 @@
 #                                     and without compiled layers, and the emulated T4: what each lever gives
 #   bash bench/gpu_speed.sh goals_bf16     issue #16's bf16 goal: hf and relaytune three times, with --goals
 #   bash bench/gpu_speed.sh goals_t4_lean  its other two: hf, the emulated T4 against hf_fp16 emulated with it, and
-#                                          the lean setting (and the same with SDPA), with --goals
+#                                          the lean setting, with --goals
 #   (all seven contenders do not fit one 10-minute device call: a relaytune contender takes 2-3 min to load,
 #   compile and fit its budget)
 # Carry .whl (bitsandbytes slimmed by bench/slim_wheel.py to the image's CUDA 13 library, liger-kernel, pydantic).
@@ -32,7 +32,7 @@ case "${1:-}" in
         --variant relaytune_3= --out "$OUT/goals_bf16.json" > "$OUT/goals_bf16.log" 2>&1 ;;
   goals_t4_lean) python3 -m bench.train_throughput --goals --contenders hf \
         --variant hf_fp16_t4=contender=hf_fp16,emulate=t4 --variant t4=emulate=t4 \
-        --variant lean=micro_batch_tokens=1024 --variant lean_sdpa=micro_batch_tokens=1024,attn_implementation=sdpa \
+        --variant lean=micro_batch_tokens=1024 \
         --out "$OUT/goals_t4_lean.json" > "$OUT/goals_t4_lean.log" 2>&1 ;;
   *) echo "usage: bench/gpu_speed.sh t4|bf16|unsloth|levers|goals_bf16|goals_t4_lean" >&2; exit 2 ;;
 esac
