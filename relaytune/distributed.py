@@ -1,4 +1,4 @@
-"""Several training processes on one host (DDP), in the order a stage meets them: how many to launch (a stage
+"""Several training processes on one host (DDP, or FSDP: relaytune/sharding.py), in the order a stage meets them: how many to launch (a stage
 started by `accelerate launch` or `torchrun` is already a worker and launches none), launching them through
 torch.distributed.run and naming a failed one, then the rank arithmetic every process does: its share of each step's
 rows, its seed and saved RNG stream, the check that all ranks start from the same files. The processes join through
@@ -43,16 +43,17 @@ def processes_to_launch_here(requested: int | None) -> int:
     return processes_to_launch(requested, torch.cuda.device_count())
 
 
-# accelerate launch sets these from an accelerate config; relaytune's loop is DDP's, so another engine would be ignored.
-OTHER_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                 "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+# accelerate launch sets these from an accelerate config; relaytune's loop runs DDP or FSDP (ACCELERATE_USE_FSDP
+# asks for the latter, relaytune/sharding.py), so another engine would be ignored.
+OTHER_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
 def refuse_other_engines(environ) -> None:
     for variable, engine in OTHER_ENGINES.items():
         if environ.get(variable, "").lower() in ("1", "true"):
-            raise RelaytuneError(f"started by accelerate launch with {engine} ({variable}); relaytune trains with DDP: "
-                                 "launch with `accelerate launch --multi_gpu` or torchrun, or let `dvc repro` launch")
+            raise RelaytuneError(f"started by accelerate launch with {engine} ({variable}); relaytune trains with DDP or "
+                                 "FSDP: launch with `accelerate launch --multi_gpu` (or --use_fsdp) or torchrun, or "
+                                 "let `dvc repro` launch")
 
 
 def launch(num_processes: int, module: str, args: list[str], what: str) -> None:

@@ -27,6 +27,14 @@ class HostProfile(StrictModel):
     # that of one process. null: one per visible GPU (one on a CPU). A stage started by `accelerate launch` or
     # `torchrun` runs with the launcher's processes instead. Several CPU processes use gloo (tests).
     num_processes: int | None = Field(None, ge=1)
+    # How the processes share the model: ddp (each holds all of it) or fsdp (PyTorch's FSDP2: parameters, gradients
+    # and optimizer state sharded over them, one unit per decoder layer; relaytune/sharding.py). null: ddp for LoRA
+    # and QLoRA; fsdp for a full fine-tune whose training state (16 bytes a parameter) fills more of the card than a
+    # token budget may. An FSDP epoch continues under DDP or one process and vice versa.
+    distributed: Literal["ddp", "fsdp"] | None = None
+    # fsdp: keep parameters, gradients and optimizer state in (pinned) CPU memory, on the GPU only while a unit
+    # computes; the optimizer step runs on the CPU. For a model whose sharded state still does not fit.
+    fsdp_cpu_offload: bool = False
     # Rows per forward/backward in each process; the stage accumulates gradients to reach
     # train.effective_batch_size. null: the process's whole share of the effective batch in one micro-batch.
     micro_batch_size: int | None = Field(None, ge=1)
@@ -73,7 +81,8 @@ def effective_profile(host: HostProfile, device: str, dtype: str, compute_capabi
         "micro_batch_tokens": host.micro_batch_tokens,  # null on a GPU: TrainingRun.setup fits it to the card
         "gradient_checkpointing": gpu if host.gradient_checkpointing is None else host.gradient_checkpointing,
         "attn_implementation": attn,
-        "compile": attn == "flex_attention" if host.compile is None else host.compile,
+        # Compiled layers under FSDP were not measured (its hooks run inside each layer's call): off unless asked.
+        "compile": (attn == "flex_attention" and host.distributed != "fsdp") if host.compile is None else host.compile,
         "frozen_weights_fp32": dtype != "bfloat16" if host.frozen_weights_fp32 is None else host.frozen_weights_fp32,
         "dtype": dtype,
     })

@@ -32,13 +32,16 @@ from .models import BaseModelRef, load_tokenizer, resolve_base_model
 from .params import PARAMS_HASH_KEYS, Params, select_params
 from .provenance import accelerator, library_versions
 from .paths import MANIFEST, OPTIMIZER, RNG, SCALER, SCHEDULER, TRAINER_STATE
+from .sharding import (check_fsdp_host, count_parameters, full_state_dicts, join_single_process_group,
+                       launched_with_fsdp, load_full_optimizer_state, optimizer_state_casts, resolve_distributed,
+                       shard_model)
 from .relay_folder import (Lineage, TrainerState, check_lineage, data_hash, file_hashes, folder_size_mb,
                            load_tensor_file, params_hash, parent_summary, remove_stale_temp_folders,
                            restore_rng_state, rng_state, verify_epoch_folder)
 from .train_data import (Example, answer_token_count, collate, epoch_batches, load_training_rows, micro_batches,
                          tokenize_rows)
-from .train_model import (FLEX_BLOCK_TOKENS, check_packing, compile_decoder_layers, compute_capability,
-                          count_4bit_layers, fit_memory_plan, load_model, peak_memory_gib, trainable_parameters,
+from .train_model import (FIT_FILL, FLEX_BLOCK_TOKENS, card_memory_bytes, check_packing, compile_decoder_layers,
+                          compute_capability, count_4bit_layers, fit_memory_plan, load_model, peak_memory_gib, trainable_parameters,
                           training_device, training_dtype)
 
 log = logging.getLogger(__name__)
@@ -79,9 +82,14 @@ class TrainingRun:
         self.is_main = self.processes.is_main_process
         self.dtype = training_dtype(host)
         self.requested_host = host
+        distributed = self._distributed_engine(host)
+        if distributed == "fsdp":
+            check_fsdp_host(params.train.method, self.device, host.fsdp_cpu_offload)
+            join_single_process_group(self.device)
         capability = compute_capability(self.device)
-        self.host = effective_profile(host, self.device, str(self.dtype).removeprefix("torch."), capability,
-                                      self.num_processes)
+        self.host = effective_profile(host.model_copy(update={"distributed": distributed}), self.device,
+                                      str(self.dtype).removeprefix("torch."), capability, self.num_processes)
+        self.fsdp = distributed == "fsdp"
         t = params.train
         share = math.ceil(t.effective_batch_size / self.num_processes)  # rows of a step that one process computes
         self.micro_batch_size = min(host.micro_batch_size or share, share)
@@ -91,6 +99,19 @@ class TrainingRun:
         self.state = TrainerState(steps_per_epoch=self.steps_per_epoch, data_order_seed=params.seed)
         self.parent: dict | None = None  # manifest of the epoch this run continues
         self.optimisations: dict = {}  # what setup applied of the host profile's speed-ups, or why not
+        self.relay_change: dict | None = None  # how the state this run restored was saved, where that differs
+
+    def _distributed_engine(self, host: HostProfile) -> str:
+        """ddp or fsdp: as the host profile (or `accelerate launch --use_fsdp`) asks, else picked for the method and
+        the card (sharding.resolve_distributed)."""
+        if host.distributed == "ddp" and launched_with_fsdp():
+            raise RelaytuneError("started by accelerate launch with FSDP (ACCELERATE_USE_FSDP), but the host profile "
+                                 "says distributed: ddp; change one of them")
+        asked = host.distributed or ("fsdp" if launched_with_fsdp() else None)
+        if asked is not None or self.params.train.method != "full" or self.device != "cuda":
+            return resolve_distributed(asked, self.params.train.method, 0, None, FIT_FILL)
+        parameters = count_parameters(self.base.path, self.params.model.trust_remote_code)
+        return resolve_distributed(None, "full", parameters, card_memory_bytes(), FIT_FILL)
 
     # -- setup
 
@@ -110,6 +131,10 @@ class TrainingRun:
         self.model.train()  # from_pretrained returns eval mode, where checkpointing and dropout do nothing
         if self.rank:  # rank 0's stream runs on from the initialisation, as in one process
             torch.manual_seed(rank_seed(self.params.seed, self.rank))
+        if source is not None and self.params.train.method != "full":
+            self._load_adapter(source)  # into the whole model, before FSDP shards it
+        if self.fsdp:
+            self.optimisations["fsdp"] = shard_model(self.model, self.device, self.host.fsdp_cpu_offload)
         if self.host.packing:
             self.optimisations["packing"] = check_packing(self.model, self.examples, self.device, self.dtype,
                                                           required=bool(self.requested_host.packing))
@@ -121,8 +146,14 @@ class TrainingRun:
         self.optimizer = self._new_optimizer()
         self.scheduler = self._new_scheduler()
         use_scaler = self.device == "cuda" and self.dtype == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = None
+        if use_scaler:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            # FSDP's scaler agrees on an inf or nan across every rank's shard of the gradients.
+            self.scaler = ShardedGradScaler("cuda") if self.fsdp else torch.amp.GradScaler("cuda")
         if source is not None:
+            self.relay_change = relay_change(manifest, self.host, str(self.dtype).removeprefix("torch."))
             self._restore(source, exact=checkpoint_dir is not None or t.handoff == "state")
         if self.device == "cuda" and self.host.micro_batch_tokens is None:
             self._fit_token_budget()
@@ -130,12 +161,20 @@ class TrainingRun:
         self.train_model = self._wrap_for_ddp()
 
     def _restore(self, source: Path, exact: bool) -> None:
-        """The adapter and trainer state of `source`; with `exact`, also optimizer, scheduler, scaler and RNG."""
-        if self.params.train.method != "full":
-            self._load_adapter(source)
+        """The trainer state of `source` (its weights are loaded already); with `exact`, also optimizer, scheduler,
+        scaler and RNG. The optimizer's moments keep the dtype they were saved in where the parameters have it; a
+        cast is logged and recorded in the manifest."""
         self.state = TrainerState(**read_json(source / TRAINER_STATE))
         if exact:
-            self.optimizer.load_state_dict(load_tensor_file(source / OPTIMIZER, self.device))
+            saved = load_tensor_file(source / OPTIMIZER, "cpu" if self.fsdp else self.device)
+            casts = optimizer_state_casts(saved, trainable_parameters(self.model))
+            if casts:
+                log.warning("%s: optimizer state cast on load: %s", source / OPTIMIZER, casts)
+                self.relay_change = {**(self.relay_change or {}), "optimizer_state_cast": casts}
+            if self.fsdp:
+                load_full_optimizer_state(self.model, self.optimizer, saved)
+            else:
+                self.optimizer.load_state_dict(saved)
             self.scheduler.load_state_dict(load_tensor_file(source / SCHEDULER, "cpu"))
             if self.scaler is not None and (source / SCALER).exists():
                 self.scaler.load_state_dict(load_tensor_file(source / SCALER, "cpu"))
@@ -149,8 +188,9 @@ class TrainingRun:
 
     def _wrap_for_ddp(self):
         """The model that forward and backward run through: DDP's wrapper (gradients averaged over the ranks at
-        each step's last backward) under a launcher, the model itself otherwise."""
-        if not torch.distributed.is_initialized():
+        each step's last backward) under a launcher, the model itself otherwise (and under FSDP, which shards it in
+        place)."""
+        if not torch.distributed.is_initialized() or self.fsdp:
             return self.model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -311,7 +351,11 @@ class TrainingRun:
         return total_loss, tokens
 
     def _gradient_sync(self, sync: bool):
-        """DDP averages gradients at every backward outside no_sync(): once per step, at its last micro-batch."""
+        """DDP averages gradients at every backward outside no_sync(), FSDP reduce-scatters them where gradient sync
+        is on: once per step, at its last micro-batch."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         if sync or not hasattr(self.train_model, "no_sync"):
             return contextlib.nullcontext()
         return self.train_model.no_sync()
@@ -337,16 +381,20 @@ class TrainingRun:
 
         rng_states = gather_object([rng_state(self.device)])
         peak_memory = self.peak_memory_gib()
+        full = self.params.train.method == "full"
+        weights, optimizer_state = None, None
+        if self.fsdp:  # gathered whole onto rank 0: the folder has one form whatever world size wrote it
+            weights, optimizer_state = full_state_dicts(self.model, self.optimizer, trainable_only=not full)
         if not self.is_main:
             return None
         directory = Path(directory)
         remove_stale_temp_folders(directory)
         with atomic_folder(directory) as tmp:
-            if self.params.train.method == "full":
-                self.model.save_pretrained(tmp, safe_serialization=True)
+            if full:
+                self.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
             else:
-                self.model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
-            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER)
+                self.model.save_pretrained(tmp, state_dict=weights)  # adapter_model.safetensors + adapter_config.json
+            torch.save(optimizer_state or self.optimizer.state_dict(), tmp / OPTIMIZER)
             torch.save(self.scheduler.state_dict(), tmp / SCHEDULER)
             torch.save({**rng_states[0], "other_ranks": rng_states[1:]}, tmp / RNG)
             if self.scaler is not None:
@@ -365,6 +413,7 @@ class TrainingRun:
             "lineage": asdict(self.lineage),
             "math_params": select_params(self.params, PARAMS_HASH_KEYS),
             "parent": parent_summary(self.parent),
+            "restored_state_saved_differently": self.relay_change,
             "host": {
                 "hostname": socket.gethostname(),
                 "accelerator": accelerator(),
@@ -386,6 +435,19 @@ class TrainingRun:
             "files": file_hashes(folder),
             **extra,
         }
+
+
+def relay_change(saved: dict, host: HostProfile, dtype: str) -> dict | None:
+    """How the run that saved a relay folder (its manifest `saved`) differs from this one in world size, engine and
+    dtype: the folder's form is the same, and the manifest says what changed. None where nothing did. Pure."""
+    before = saved["host"]
+    was = {"num_processes": before.get("num_processes", 1), "dtype": before.get("dtype"),
+           "distributed": before.get("effective_profile", {}).get("distributed") or "ddp"}
+    now = {"num_processes": host.num_processes, "dtype": dtype, "distributed": host.distributed}
+    changed = {k: {"saved": was[k], "now": now[k]} for k in was if was[k] != now[k]}
+    if changed:
+        log.info("continuing state saved with %s", changed)
+    return changed or None
 
 
 # ---------------------------------------------------------------- the epoch's report

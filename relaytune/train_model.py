@@ -69,7 +69,7 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
         # LoRA freezes the base in the compute dtype; a full fine-tune keeps fp32 master weights.
         kwargs["dtype"] = dtype if method == "lora" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(weights_dir or base.path, **kwargs)
-    if method != "qlora":
+    if method != "qlora" and host.distributed != "fsdp":  # FSDP moves each rank's shard, and only it
         model.to(device)
     optimisations = {"liger": apply_liger_kernels(model, host, device)}
     if method == "full":

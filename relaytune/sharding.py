@@ -1,0 +1,191 @@
+"""FSDP for training state that does not fit one GPU, in the order a run meets it: which engine the host runs (ddp or
+fsdp), the process group that even one FSDP process needs, the decoder layer class it wraps, the model sharded in
+place, and the full (unsharded) state dicts that keep the relay folder the same whatever world size wrote it.
+
+PyTorch's FSDP2 (`fully_shard`) is driven directly rather than through accelerate's FSDP plugin. relaytune's loop is
+its own (micro-batches, loss normalisation over the whole effective batch, the GradScaler, the relay folder), and
+accelerate's FSDP2 path wants `Accelerator.prepare` to own the model, optimizer and gradient accumulation. The direct
+route is a mesh, one `fully_shard` per decoder layer and one at the root, as torchtitan and torchtune do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+
+from .errors import RelaytuneError
+
+log = logging.getLogger(__name__)
+
+# AdamW's training state of a full fine-tune, per parameter: fp32 master weight, fp32 gradient, two fp32 moments.
+FULL_TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def resolve_distributed(asked: str | None, method: str, parameter_count: int, card_bytes: int | None,
+                        fill: float) -> str:
+    """The engine a run uses. null: DDP for LoRA and QLoRA (the frozen base is small); for `full`, FSDP where the
+    training state alone would fill more than `fill` of the card (a CPU host, card_bytes None, runs DDP). Pure."""
+    if asked is not None:
+        return asked
+    if method == "full" and card_bytes and parameter_count * FULL_TRAINING_BYTES_PER_PARAMETER > fill * card_bytes:
+        return "fsdp"
+    return "ddp"
+
+
+def count_parameters(model_path: str, trust_remote_code: bool) -> int:
+    """Parameters of a model, from its config alone (built on the meta device: no weights are read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_fsdp_host(method: str, device: str, cpu_offload: bool) -> None:
+    """One line for each host or method FSDP cannot run on here."""
+    if not torch.distributed.is_available():
+        raise RelaytuneError("host profile distributed: fsdp, but this torch build has no torch.distributed; "
+                             "set distributed: ddp")
+    if device == "cuda" and not torch.distributed.is_nccl_available():
+        raise RelaytuneError("host profile distributed: fsdp, but this torch build has no NCCL backend for its GPUs; "
+                             "set distributed: ddp")
+    if cpu_offload and device != "cuda":
+        raise RelaytuneError("host profile fsdp_cpu_offload: true, but this host has no CUDA GPU to offload from; "
+                             "set fsdp_cpu_offload: false")
+    if method == "qlora":
+        # FSDP2 turns every parameter into a plain DTensor, so bitsandbytes' Params4bit loses the quant state it
+        # dequantises with (bitsandbytes#1945, accelerate#3983): training would run on garbage weights.
+        raise RelaytuneError("host profile distributed: fsdp with train.method=qlora is not supported: FSDP2 drops "
+                             "bitsandbytes' 4-bit quant state; use distributed: ddp (or train.method=lora or full)")
+
+
+def join_single_process_group(device: str) -> None:
+    """FSDP needs a process group even on one process (world size 1): join a local one when no launcher did."""
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo",
+                                         init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers FSDP wraps one unit each: transformers names the classes that must stay whole on one
+    device in `_no_split_modules`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise RelaytuneError(f"host profile distributed: fsdp, but no decoder layer class to wrap was found in "
+                             f"{type(base).__name__} (its _no_split_modules: {sorted(names) or 'none'}); "
+                             "set distributed: ddp")
+    return layers
+
+
+def shard_model(model, device: str, cpu_offload: bool) -> dict:
+    """Shard parameters, gradients and (through them) optimizer state over every process, in place: one FSDP unit per
+    decoder layer, the rest (embeddings, final norm, head) in the root's. Returns what was applied, for the manifest.
+
+    Parameters are gathered in the dtype they are stored in (fp32 master weights for `full`), and the forward runs
+    under the run's autocast as it does in one process: a bf16 all-gather would also run norms and embeddings in
+    bf16, which one process does not, so the host knob would change the math. Gradients are reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    layers = decoder_layers(model)
+    wrap_unit = type(layers[0]).__name__  # fully_shard renames the class (FSDP<name>)
+    world_size = torch.distributed.get_world_size()
+    mesh = init_device_mesh(device, (world_size,))
+    options = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.float32),
+               "offload_policy": CPUOffloadPolicy(pin_memory=True) if cpu_offload else OffloadPolicy()}
+    for layer in layers:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return {"applied": True, "engine": "FSDP2 (torch.distributed.fsdp.fully_shard)", "world_size": world_size,
+            "wrap_unit": wrap_unit, "units": len(layers) + 1, "cpu_offload": cpu_offload,
+            "param_dtype": "as stored", "reduce_dtype": "float32"}
+
+
+# ---------------------------------------------------------------- full state dicts for the relay folder
+
+def full_state_dicts(model, optimizer, trainable_only: bool) -> tuple[dict, dict]:
+    """The model's and the optimizer's state gathered whole onto rank 0's CPU (every rank must call it; the others
+    get empty dicts). The optimizer's comes back keyed by parameter index, as a one-process `optimizer.state_dict()`
+    is, so the relay folder has one form whatever wrote it. `trainable_only` gathers only the adapter."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    weights = retie(get_model_state_dict(model, options=options), model)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    return weights, (index_keyed(by_name) if by_name else {})
+
+
+def retie(weights: dict, model) -> dict:
+    """Names that share one parameter in the model (tied embeddings and head) made to share one tensor again: the
+    gathered copies are separate, and transformers drops a tied name from the saved file only where the tensors
+    alias, as they do in one process."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    for first, *tied in names_of.values():
+        for name in tied:
+            if first in weights and name in weights:
+                weights[name] = weights[first]
+    return weights
+
+
+def index_keyed(by_name: dict) -> dict:
+    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's form) keyed by the
+    parameter's index in the optimizer's groups instead (torch.optim's own form). Pure."""
+    order = [name for group in by_name["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    return {"state": {index[name]: value for name, value in by_name["state"].items()},
+            "param_groups": [{**group, "params": [index[n] for n in group["params"]]}
+                             for group in by_name["param_groups"]]}
+
+
+def name_keyed(by_index: dict, names: list[str]) -> dict:
+    """The inverse of `index_keyed`, for parameters `names` in the optimizer's order. Pure."""
+    if len(names) != sum(len(g["params"]) for g in by_index["param_groups"]):
+        raise RelaytuneError(f"optimizer state holds {sum(len(g['params']) for g in by_index['param_groups'])} "
+                             f"parameters, this model trains {len(names)}")
+    return {"state": {names[i]: value for i, value in by_index["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in by_index["param_groups"]]}
+
+
+def trainable_names(model) -> list[str]:
+    """Names of the trained parameters in the order the optimizer holds them (FSDP2 keeps every name)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def load_full_optimizer_state(model, optimizer, by_index: dict) -> None:
+    """Every rank loads the whole saved state and keeps its own shard of it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, name_keyed(by_index, trainable_names(model)),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state_casts(by_index: dict, params: list[torch.Tensor]) -> dict[str, int]:
+    """Saved optimizer moments whose dtype differs from the parameter they now serve ("float32 -> bfloat16": count).
+    torch.optim casts them on load without a word; the manifest records it instead. Pure."""
+    casts: dict[str, int] = {}
+    for i, state in by_index.get("state", {}).items():
+        for value in state.values():
+            if torch.is_tensor(value) and value.is_floating_point() and value.dim() and value.dtype != params[i].dtype:
+                key = f"{str(value.dtype).removeprefix('torch.')} -> {str(params[i].dtype).removeprefix('torch.')}"
+                casts[key] = casts.get(key, 0) + 1
+    return casts
+
+
+def launched_with_fsdp(environ=os.environ) -> bool:
+    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP: that launch asks for FSDP."""
+    return environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
