@@ -9,6 +9,9 @@
 #   bash bench/gpu_speed.sh goals_bf16     issue #16's bf16 goal: hf and relaytune three times, with --goals
 #   bash bench/gpu_speed.sh goals_t4_lean  its other two: hf, the emulated T4 against hf_fp16 emulated with it, and
 #                                          the lean setting, with --goals
+#   bash bench/gpu_speed.sh fsdp   issue #17 on one GPU: QLoRA under FSDP (refused), a full fine-tune without FSDP,
+#                                  and the same under FSDP on one process with CPU offload (few rows: a CPU Adam step
+#                                  over 7B fp32 parameters takes seconds)
 #   (all seven contenders do not fit one 10-minute device call: a relaytune contender takes 2-3 min to load,
 #   compile and fit its budget)
 # Carry .whl (bitsandbytes slimmed by bench/slim_wheel.py to the image's CUDA 13 library, liger-kernel, pydantic).
@@ -34,6 +37,10 @@ case "${1:-}" in
         --variant hf_fp16_t4=contender=hf_fp16,emulate=t4 --variant t4=emulate=t4 \
         --variant lean=micro_batch_tokens=1024 \
         --out "$OUT/goals_t4_lean.json" > "$OUT/goals_t4_lean.log" 2>&1 ;;
-  *) echo "usage: bench/gpu_speed.sh t4|bf16|unsloth|levers|goals_bf16|goals_t4_lean" >&2; exit 2 ;;
+  fsdp) python3 -m bench.train_throughput --contenders "" --rows 40 --warmup 1 --variant qlora_fsdp=distributed=fsdp \
+        --variant 'full=train.method="full",distributed=ddp' \
+        --variant 'full_fsdp_offload=train.method="full",distributed=fsdp,fsdp_cpu_offload=true' \
+        --out "$OUT/fsdp.json" > "$OUT/fsdp.log" 2>&1 ;;
+  *) echo "usage: bench/gpu_speed.sh t4|bf16|unsloth|levers|goals_bf16|goals_t4_lean|fsdp" >&2; exit 2 ;;
 esac
 tail -8 "$OUT/$1.log"
