@@ -179,6 +179,8 @@ def optimizer_state_casts(by_index: dict, params: list[torch.Tensor]) -> dict[st
     torch.optim casts them on load without a word; the manifest records it instead. Pure."""
     casts: dict[str, int] = {}
     for i, state in by_index.get("state", {}).items():
+        if i >= len(params):  # a state for another model: loading it names the mismatch
+            continue
         for value in state.values():
             if torch.is_tensor(value) and value.is_floating_point() and value.dim() and value.dtype != params[i].dtype:
                 key = f"{str(value.dtype).removeprefix('torch.')} -> {str(params[i].dtype).removeprefix('torch.')}"

@@ -32,17 +32,17 @@ from .models import BaseModelRef, load_tokenizer, resolve_base_model
 from .params import PARAMS_HASH_KEYS, Params, select_params
 from .provenance import accelerator, library_versions
 from .paths import MANIFEST, OPTIMIZER, RNG, SCALER, SCHEDULER, TRAINER_STATE
-from .sharding import (check_fsdp_host, count_parameters, full_state_dicts, join_single_process_group,
-                       launched_with_fsdp, load_full_optimizer_state, optimizer_state_casts, resolve_distributed,
-                       shard_model)
 from .relay_folder import (Lineage, TrainerState, check_lineage, data_hash, file_hashes, folder_size_mb,
                            load_tensor_file, params_hash, parent_summary, remove_stale_temp_folders,
                            restore_rng_state, rng_state, verify_epoch_folder)
+from .sharding import (check_fsdp_host, count_parameters, full_state_dicts, join_single_process_group,
+                       launched_with_fsdp, load_full_optimizer_state, optimizer_state_casts, resolve_distributed,
+                       shard_model)
 from .train_data import (Example, answer_token_count, collate, epoch_batches, load_training_rows, micro_batches,
                          tokenize_rows)
 from .train_model import (FIT_FILL, FLEX_BLOCK_TOKENS, card_memory_bytes, check_packing, compile_decoder_layers,
-                          compute_capability, count_4bit_layers, fit_memory_plan, load_model, peak_memory_gib, trainable_parameters,
-                          training_device, training_dtype)
+                          compute_capability, count_4bit_layers, fit_memory_plan, load_model, peak_memory_gib,
+                          trainable_parameters, training_device, training_dtype)
 
 log = logging.getLogger(__name__)
 
