@@ -1,8 +1,8 @@
 """Several training processes on one host (DDP, or FSDP: relaytune/sharding.py), in the order a stage meets them:
 how many to launch (a stage started by `accelerate launch` or `torchrun` is already a worker and launches none),
-launching them through torch.distributed.run and naming a failed one, then the rank arithmetic every process does: its share of each step's
-rows, its seed and saved RNG stream, the check that all ranks start from the same files. The processes join through
-accelerate's PartialState (relaytune/train.py), which picks NCCL between GPUs and gloo on CPUs.
+launching them through torch.distributed.run and naming a failed one, then the rank arithmetic every process does:
+its share of each step's rows, its seed and saved RNG stream, the check that all ranks start from the same files. The
+processes join through accelerate's PartialState (relaytune/train.py), which picks NCCL between GPUs and gloo on CPUs.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def refuse_other_engines(environ) -> None:
     for variable, engine in OTHER_ENGINES.items():
         if environ.get(variable, "").lower() in ("1", "true"):
             raise RelaytuneError(f"started by accelerate launch with {engine} ({variable}); relaytune trains with "
-                                 "DDP or FSDP: launch with `accelerate launch --multi_gpu` (or --use_fsdp) or torchrun, or "
-                                 "let `dvc repro` launch")
+                                 "DDP or FSDP: launch with `accelerate launch --multi_gpu` (or --use_fsdp) or "
+                                 "torchrun, or let `dvc repro` launch")
 
 
 def launch(num_processes: int, module: str, args: list[str], what: str) -> None:
