@@ -48,9 +48,19 @@ def processes_to_launch_here(requested: int | None) -> int:
 OTHER_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
+def accelerate_asks(environ, variable: str) -> bool:
+    """Whether an `accelerate launch` setting (ACCELERATE_USE_*) is on."""
+    return environ.get(variable, "").lower() in ("1", "true")
+
+
+def launched_with_fsdp(environ=os.environ) -> bool:
+    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP: that launch asks for FSDP."""
+    return accelerate_asks(environ, "ACCELERATE_USE_FSDP")
+
+
 def refuse_other_engines(environ) -> None:
     for variable, engine in OTHER_ENGINES.items():
-        if environ.get(variable, "").lower() in ("1", "true"):
+        if accelerate_asks(environ, variable):
             raise RelaytuneError(f"started by accelerate launch with {engine} ({variable}); relaytune trains with "
                                  "DDP or FSDP: launch with `accelerate launch --multi_gpu` (or --use_fsdp) or "
                                  "torchrun, or let `dvc repro` launch")

@@ -10,15 +10,11 @@ route is a mesh, one `fully_shard` per decoder layer and one at the root, as tor
 
 from __future__ import annotations
 
-import logging
-import os
 import socket
 
 import torch
 
 from .errors import RelaytuneError
-
-log = logging.getLogger(__name__)
 
 # AdamW's training state of a full fine-tune, per parameter: fp32 master weight, fp32 gradient, two fp32 moments.
 FULL_TRAINING_BYTES_PER_PARAMETER = 16
@@ -186,8 +182,3 @@ def optimizer_state_casts(by_index: dict, params: list[torch.Tensor]) -> dict[st
                 key = f"{str(value.dtype).removeprefix('torch.')} -> {str(params[i].dtype).removeprefix('torch.')}"
                 casts[key] = casts.get(key, 0) + 1
     return casts
-
-
-def launched_with_fsdp(environ=os.environ) -> bool:
-    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP: that launch asks for FSDP."""
-    return environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .distributed import rank_disagreement, rank_rng_state, rank_seed, rank_share
+from .distributed import launched_with_fsdp, rank_disagreement, rank_rng_state, rank_seed, rank_share
 from .errors import RelaytuneError
 from .host import HostProfile, effective_profile
 from .io import atomic_folder, atomic_write_json, read_json
@@ -36,7 +36,7 @@ from .relay_folder import (Lineage, TrainerState, check_lineage, data_hash, file
                            load_tensor_file, params_hash, parent_summary, remove_stale_temp_folders,
                            restore_rng_state, rng_state, verify_epoch_folder)
 from .sharding import (check_fsdp_host, count_parameters, full_state_dicts, join_single_process_group,
-                       launched_with_fsdp, load_full_optimizer_state, optimizer_state_casts, resolve_distributed,
+                       load_full_optimizer_state, optimizer_state_casts, resolve_distributed,
                        shard_model)
 from .train_data import (Example, answer_token_count, collate, epoch_batches, load_training_rows, micro_batches,
                          tokenize_rows)

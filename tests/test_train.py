@@ -67,8 +67,8 @@ def test_host_profile_file_and_environment(tmp_path):
     profile = load_host_profile(path, environ={"RELAYTUNE_MICRO_BATCH_SIZE": "3", "RELAYTUNE_DTYPE": "bfloat16"})
     assert (profile.micro_batch_size, profile.dtype, profile.gradient_checkpointing) == (3, "bfloat16", False)
     path.write_text("micro_batch: 2\n")
-    with pytest.raises(RelaytuneError, match="micro_batch: unknown key .allowed: num_processes, distributed, fsdp_cpu_offload, "
-                                             "micro_batch_size"):
+    with pytest.raises(RelaytuneError, match="micro_batch: unknown key .allowed: num_processes, distributed, "
+                                             "fsdp_cpu_offload, micro_batch_size"):
         load_host_profile(path, environ={})
 
 
