@@ -156,8 +156,10 @@ class Quant4bit:
         return self.quant_type + ("+double-quant" if self.double_quant else "")
 
 
-def bnb_4bit_config(quant: Quant4bit, compute_dtype, needed_by: str, instead: str):
-    """bitsandbytes' config; a host where it cannot run stops here, never silently using another base."""
+def bnb_4bit_config(quant: Quant4bit, compute_dtype, needed_by: str, instead: str, storage_dtype=None):
+    """bitsandbytes' config; a host where it cannot run stops here, never silently using another base.
+    `storage_dtype` views the packed 4-bit bytes as that dtype (same bytes, same weights): FSDP flattens a decoder
+    layer's weights into one tensor, which needs one dtype for all of them."""
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -165,7 +167,8 @@ def bnb_4bit_config(quant: Quant4bit, compute_dtype, needed_by: str, instead: st
         raise RelaytuneError(f"{needed_by} needs bitsandbytes, which does not import on this host ({e}); "
                              f"install it or run with {instead}") from None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                              bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=storage_dtype)
 
 
 def adapter_trained_on(params) -> Quant4bit | None:

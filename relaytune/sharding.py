@@ -6,10 +6,17 @@ PyTorch's FSDP2 (`fully_shard`) is driven directly rather than through accelerat
 its own (micro-batches, loss normalisation over the whole effective batch, the GradScaler, the relay folder), and
 accelerate's FSDP2 path wants `Accelerator.prepare` to own the model, optimizer and gradient accumulation. The direct
 route is a mesh, one `fully_shard` per decoder layer and one at the root, as torchtitan and torchtune do.
+
+QLoRA is the exception: FSDP2 turns every parameter into a plain DTensor, and bitsandbytes' `Params4bit` loses the
+quant state it dequantises with (bitsandbytes#1945, accelerate#3983). A 4-bit base is sharded by FSDP1
+(`FullyShardedDataParallel`) with flat parameters (`use_orig_params=False`) and peft's `fsdp_auto_wrap_policy`, as the
+bitsandbytes and peft FSDP-QLoRA guides do: bitsandbytes restores the quant state from its module, and each LoRA
+layer is a unit of its own, since a flat parameter holds one dtype and one requires_grad.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import torch
@@ -44,6 +51,10 @@ def count_parameters(model_path: str, trust_remote_code: bool) -> int:
 
 def check_fsdp_host(method: str, device: str, cpu_offload: bool) -> None:
     """One line for each host or method FSDP cannot run on here."""
+    if method == "qlora" and cpu_offload:
+        raise RelaytuneError("host profile fsdp_cpu_offload: true with train.method=qlora is not supported: "
+                             "offloading bitsandbytes' 4-bit weights with their quant state is not built; set "
+                             "fsdp_cpu_offload: false")
     if not torch.distributed.is_available():
         raise RelaytuneError("host profile distributed: fsdp, but this torch build has no torch.distributed; "
                              "set distributed: ddp")
@@ -53,11 +64,6 @@ def check_fsdp_host(method: str, device: str, cpu_offload: bool) -> None:
     if cpu_offload and device != "cuda":
         raise RelaytuneError("host profile fsdp_cpu_offload: true, but this host has no CUDA GPU to offload from; "
                              "set fsdp_cpu_offload: false")
-    if method == "qlora":
-        # FSDP2 turns every parameter into a plain DTensor, so bitsandbytes' Params4bit loses the quant state it
-        # dequantises with (bitsandbytes#1945, accelerate#3983): training would run on garbage weights.
-        raise RelaytuneError("host profile distributed: fsdp with train.method=qlora is not supported: FSDP2 drops "
-                             "bitsandbytes' 4-bit quant state; use distributed: ddp (or train.method=lora or full)")
 
 
 def join_single_process_group(device: str) -> None:
@@ -84,13 +90,20 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_model(model, device: str, cpu_offload: bool) -> dict:
-    """Shard parameters, gradients and (through them) optimizer state over every process, in place: one FSDP unit per
-    decoder layer, the rest (embeddings, final norm, head) in the root's. Returns what was applied, for the manifest.
+def shard_model(model, device: str, cpu_offload: bool, method: str) -> tuple[torch.nn.Module, dict]:
+    """Shard parameters, gradients and (through them) optimizer state over every process: one FSDP unit per decoder
+    layer, the rest (embeddings, final norm, head) in the root's. Returns the model forward and backward run through
+    (FSDP2 shards in place; FSDP1 wraps) and what was applied, for the manifest."""
+    if method == "qlora":
+        return shard_4bit_model(model, device)
+    return shard_in_place(model, device, cpu_offload)
 
-    Parameters are gathered in the dtype they are stored in (fp32 master weights for `full`), and the forward runs
-    under the run's autocast as it does in one process: a bf16 all-gather would also run norms and embeddings in
-    bf16, which one process does not, so the host knob would change the math. Gradients are reduced in fp32."""
+
+def shard_in_place(model, device: str, cpu_offload: bool) -> tuple[torch.nn.Module, dict]:
+    """FSDP2. Parameters are gathered in the dtype they are stored in (fp32 master weights for `full`), and the
+    forward runs under the run's autocast as it does in one process: a bf16 all-gather would also run norms and
+    embeddings in bf16, which one process does not, so the host knob would change the math. Gradients are reduced in
+    fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -103,24 +116,87 @@ def shard_model(model, device: str, cpu_offload: bool) -> dict:
     for layer in layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
-    return {"applied": True, "engine": "FSDP2 (torch.distributed.fsdp.fully_shard)", "world_size": world_size,
-            "wrap_unit": wrap_unit, "units": len(layers) + 1, "cpu_offload": cpu_offload,
-            "param_dtype": "as stored", "reduce_dtype": "float32"}
+    return model, {"applied": True, "engine": "FSDP2 (torch.distributed.fsdp.fully_shard)", "world_size": world_size,
+                   "wrap_unit": wrap_unit, "units": len(layers) + 1, "cpu_offload": cpu_offload,
+                   "param_dtype": "as stored", "reduce_dtype": "float32"}
+
+
+def shard_4bit_model(model, device: str) -> tuple[torch.nn.Module, dict]:
+    """FSDP1 for a QLoRA model loaded into CPU memory: each unit is moved to this rank's GPU and sharded as it is
+    wrapped, so no GPU ever holds the whole base. No mixed-precision policy: the 4-bit bytes and the frozen rest are
+    gathered as stored, the fp32 LoRA gradients are reduced in fp32."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    layers = decoder_layers(model)
+    storage = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                      if type(p).__name__ == "Params4bit"})
+    on = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
+                                       device_id=on, limit_all_gathers=True)
+    units = sum(isinstance(m, FullyShardedDataParallel) for m in wrapped.modules())
+    return wrapped, {"applied": True, "engine": "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel)",
+                     "world_size": torch.distributed.get_world_size(), "wrap_unit": type(layers[0]).__name__,
+                     "units": units, "cpu_offload": False, "param_dtype": "as stored", "reduce_dtype": "float32",
+                     "quant_storage": storage}
+
+
+def gradient_sync(model, sync: bool):
+    """Gradients reduce-scattered at this backward (`sync`) or kept for the next micro-batch: FSDP2 holds a flag,
+    FSDP1 a context manager."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else model.no_sync()
+
+
+def clip_gradients(model, parameters: list[torch.Tensor], max_norm: float) -> None:
+    """The norm over the whole model's gradients: FSDP1's flat shards need its own clip (FSDP2's DTensors, DDP's and
+    one process's tensors take torch's)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        model.clip_grad_norm_(max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
 
 # ---------------------------------------------------------------- full state dicts for the relay folder
 
-def full_state_dicts(model, optimizer, trainable_only: bool) -> tuple[dict, dict]:
-    """The model's and the optimizer's state gathered whole onto rank 0's CPU (every rank must call it; the others
-    get empty dicts). The optimizer's comes back keyed by parameter index, as a one-process `optimizer.state_dict()`
-    is, so the relay folder has one form whatever wrote it. `trainable_only` gathers only the adapter."""
+def full_state_dicts(model, optimizer, adapter: list[str] | None, device: str) -> tuple[dict, dict]:
+    """The model's and the optimizer's state gathered whole (every rank must call it; on a GPU host onto rank 0's
+    CPU, the others get empty dicts). The optimizer's comes back keyed by parameter index, as a one-process
+    `optimizer.state_dict()` is, so the relay folder has one form whatever wrote it. `adapter`: gather only these
+    trained parameters (a frozen head tied to the frozen embeddings would come along otherwise)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    # FSDP1's offload to the CPU frees what already is on the CPU (the gathered copy is the parameter's own storage).
+    options = StateDictOptions(full_state_dict=True, cpu_offload=device == "cuda",
+                               ignore_frozen_params=adapter is not None)
     weights = retie(get_model_state_dict(model, options=options), model)
+    if adapter is not None:
+        weights = {name: weights[name] for name in adapter if name in weights}
     by_name = get_optimizer_state_dict(model, optimizer, options=options)
     return weights, (index_keyed(by_name) if by_name else {})
+
+
+@contextlib.contextmanager
+def unwrapped(model):
+    """The model with FSDP1's units put back as the plain modules they wrap, for the duration (rank 0, to save):
+    peft names adapter weights by module path and strips only a leading `_fsdp_wrapped_module.`, so an adapter saved
+    through nested units would come out empty. FSDP2 wraps nothing; its model is returned as is."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, FullyShardedDataParallel)]
+    for parent, name, child in units:
+        setattr(parent, name, child.module)
+    try:
+        yield model.module if isinstance(model, FullyShardedDataParallel) else model
+    finally:
+        for parent, name, child in reversed(units):
+            setattr(parent, name, child)
 
 
 def retie(weights: dict, model) -> dict:
@@ -158,15 +234,16 @@ def name_keyed(by_index: dict, names: list[str]) -> dict:
 
 
 def trainable_names(model) -> list[str]:
-    """Names of the trained parameters in the order the optimizer holds them (FSDP2 keeps every name)."""
+    """Names of the trained parameters in the order the optimizer holds them, taken before sharding (FSDP1 renames
+    them into flat parameters; FSDP2 keeps them)."""
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def load_full_optimizer_state(model, optimizer, by_index: dict) -> None:
+def load_full_optimizer_state(model, optimizer, by_index: dict, names: list[str]) -> None:
     """Every rank loads the whole saved state and keeps its own shard of it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, name_keyed(by_index, trainable_names(model)),
+    set_optimizer_state_dict(model, optimizer, name_keyed(by_index, names),
                              options=StateDictOptions(full_state_dict=True))
 
 

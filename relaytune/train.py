@@ -35,9 +35,9 @@ from .paths import MANIFEST, OPTIMIZER, RNG, SCALER, SCHEDULER, TRAINER_STATE
 from .relay_folder import (Lineage, TrainerState, check_lineage, data_hash, file_hashes, folder_size_mb,
                            load_tensor_file, params_hash, parent_summary, remove_stale_temp_folders,
                            restore_rng_state, rng_state, verify_epoch_folder)
-from .sharding import (check_fsdp_host, count_parameters, full_state_dicts, join_single_process_group,
-                       load_full_optimizer_state, optimizer_state_casts, resolve_distributed,
-                       shard_model)
+from .sharding import (check_fsdp_host, clip_gradients, count_parameters, full_state_dicts, gradient_sync,
+                       join_single_process_group, load_full_optimizer_state, optimizer_state_casts,
+                       resolve_distributed, shard_model, trainable_names, unwrapped)
 from .train_data import (Example, answer_token_count, collate, epoch_batches, load_training_rows, micro_batches,
                          tokenize_rows)
 from .train_model import (FIT_FILL, FLEX_BLOCK_TOKENS, card_memory_bytes, check_packing, compile_decoder_layers,
@@ -133,8 +133,10 @@ class TrainingRun:
             torch.manual_seed(rank_seed(self.params.seed, self.rank))
         if source is not None and self.params.train.method != "full":
             self._load_adapter(source)  # into the whole model, before FSDP shards it
+        self.trained_names = trainable_names(self.model)  # before FSDP1 renames them
         if self.fsdp:
-            self.optimisations["fsdp"] = shard_model(self.model, self.device, self.host.fsdp_cpu_offload)
+            self.model, self.optimisations["fsdp"] = shard_model(self.model, self.device, self.host.fsdp_cpu_offload,
+                                                                 self.params.train.method)
         if self.host.packing:
             self.optimisations["packing"] = check_packing(self.model, self.examples, self.device, self.dtype,
                                                           required=bool(self.requested_host.packing))
@@ -172,7 +174,7 @@ class TrainingRun:
                 log.warning("%s: optimizer state cast on load: %s", source / OPTIMIZER, casts)
                 self.relay_change = {**(self.relay_change or {}), "optimizer_state_cast": casts}
             if self.fsdp:
-                load_full_optimizer_state(self.model, self.optimizer, saved)
+                load_full_optimizer_state(self.model, self.optimizer, saved, self.trained_names)
             else:
                 self.optimizer.load_state_dict(saved)
             self.scheduler.load_state_dict(load_tensor_file(source / SCHEDULER, "cpu"))
@@ -340,7 +342,7 @@ class TrainingRun:
             tokens = int(tokens)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.params.train.max_grad_norm)
+        clip_gradients(self.model, trainable_parameters(self.model), self.params.train.max_grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -354,8 +356,7 @@ class TrainingRun:
         """DDP averages gradients at every backward outside no_sync(), FSDP reduce-scatters them where gradient sync
         is on: once per step, at its last micro-batch."""
         if self.fsdp:
-            self.model.set_requires_gradient_sync(sync)
-            return contextlib.nullcontext()
+            return gradient_sync(self.model, sync)
         if sync or not hasattr(self.train_model, "no_sync"):
             return contextlib.nullcontext()
         return self.train_model.no_sync()
@@ -384,16 +385,18 @@ class TrainingRun:
         full = self.params.train.method == "full"
         weights, optimizer_state = None, None
         if self.fsdp:  # gathered whole onto rank 0: the folder has one form whatever world size wrote it
-            weights, optimizer_state = full_state_dicts(self.model, self.optimizer, trainable_only=not full)
+            weights, optimizer_state = full_state_dicts(self.model, self.optimizer,
+                                                        None if full else self.trained_names, self.device)
         if not self.is_main:
             return None
         directory = Path(directory)
         remove_stale_temp_folders(directory)
         with atomic_folder(directory) as tmp:
-            if full:
-                self.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-            else:
-                self.model.save_pretrained(tmp, state_dict=weights)  # adapter_model.safetensors + adapter_config.json
+            with unwrapped(self.model) as model:
+                if full:
+                    model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+                else:
+                    model.save_pretrained(tmp, state_dict=weights)  # adapter_model.safetensors + adapter_config.json
             torch.save(optimizer_state or self.optimizer.state_dict(), tmp / OPTIMIZER)
             torch.save(self.scheduler.state_dict(), tmp / SCHEDULER)
             torch.save({**rng_states[0], "other_ranks": rng_states[1:]}, tmp / RNG)

@@ -59,7 +59,14 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
     kwargs: dict = {"trust_remote_code": params.model.trust_remote_code}
     if host.attn_implementation:
         kwargs["attn_implementation"] = host.attn_implementation
-    if method == "qlora":
+    if method == "qlora" and host.distributed == "fsdp":
+        rest_dtype = torch.float32 if host.frozen_weights_fp32 else dtype  # the unquantized rest of the model
+        # The 4-bit bytes stored as the rest is (the bitsandbytes and peft FSDP guides: the compute dtype), so that
+        # a decoder layer flattens into one FSDP tensor; the model is loaded into CPU memory, as a base that does not
+        # fit one GPU in 4 bits must be, and FSDP moves each layer's shard to this rank's GPU as it wraps it.
+        kwargs.update(dtype=rest_dtype, quantization_config=qlora_config(params, dtype, storage_dtype=rest_dtype),
+                      device_map={"": "cpu"})
+    elif method == "qlora":
         kwargs["quantization_config"] = qlora_config(params, dtype)
         # Each rank's 4-bit model on its own GPU (the one its process was bound to), never spread over several.
         kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}
@@ -93,9 +100,9 @@ def load_model(base: BaseModelRef, params: Params, host: HostProfile, device: st
     return get_peft_model(model, config), optimisations
 
 
-def qlora_config(params: Params, dtype: torch.dtype):
+def qlora_config(params: Params, dtype: torch.dtype, storage_dtype: torch.dtype | None = None):
     return bnb_4bit_config(Quant4bit(params.train.quant_type, params.train.double_quant), dtype, "train.method=qlora",
-                           "-S train.method=lora")
+                           "-S train.method=lora", storage_dtype)
 
 
 def apply_liger_kernels(model, host: HostProfile, device: str) -> dict:

@@ -70,13 +70,11 @@ def test_a_failed_launch_names_the_first_rank_that_failed():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_two_processes_then_one_equal_one_process_throughout(train_repo, distributed):
+@pytest.mark.parametrize("distributed, method", [("ddp", "qlora"), ("fsdp", "lora"), ("fsdp", "qlora")])
+def test_two_processes_then_one_equal_one_process_throughout(train_repo, distributed, method):
     # 9 rows in steps of 4: the last step has one row, so rank 1 joins it with a zero-weighted row.
     write_training_rows(train_repo / "data" / "audit" / "train.jsonl", 9)
     # Each process draws its own dropout masks, so only a dropout-free run can be compared value by value.
-    # FSDP2 cannot shard bitsandbytes' 4-bit weights (sharding.check_fsdp_host): it trains LoRA on the base as is.
-    method = "qlora" if distributed == "ddp" else "lora"
     set_params(train_repo, **{"lora.dropout": 0.0, "train.method": method})
     run_epoch(train_repo, 1, RELAYTUNE_NUM_PROCESSES="2", RELAYTUNE_DISTRIBUTED=distributed)
     run_epoch(train_repo, 2, RELAYTUNE_NUM_PROCESSES="1")
@@ -97,6 +95,7 @@ def test_two_processes_then_one_equal_one_process_throughout(train_repo, distrib
         assert first["effective_profile"]["distributed"] == "fsdp" and first["profile"]["distributed"] == "fsdp"
         assert first["optimisations"]["fsdp"]["world_size"] == 2
         assert first["optimisations"]["fsdp"]["wrap_unit"] == "LlamaDecoderLayer"
+        assert first["optimisations"]["fsdp"]["engine"].startswith("FSDP1" if method == "qlora" else "FSDP2")
         assert json.loads((train_repo / "models" / "epoch2" / "manifest.json").read_text())[
             "restored_state_saved_differently"] == {"num_processes": {"saved": 2, "now": 1},
                                                     "distributed": {"saved": "fsdp", "now": "ddp"}}
@@ -142,6 +141,29 @@ def test_a_full_fine_tune_continued_under_fsdp_equals_one_process_throughout(tra
                                                             "distributed": {"saved": "ddp", "now": "fsdp"}}
 
 
+@pytest.mark.slow
+def test_a_qlora_epoch_continued_under_fsdp_equals_one_process_throughout(train_repo):
+    # FSDP1 over the 4-bit base: the one-process optimizer state is loaded into two ranks' flat shards.
+    write_training_rows(train_repo / "data" / "audit" / "train.jsonl", 9)
+    set_params(train_repo, **{"lora.dropout": 0.0})
+    run_epoch(train_repo, 1, RELAYTUNE_NUM_PROCESSES="1")
+    run_epoch(train_repo, 2, RELAYTUNE_NUM_PROCESSES="2", RELAYTUNE_DISTRIBUTED="fsdp")
+    reference = in_process_run(train_repo, 2)
+    assert max_abs_diff(adapter(train_repo / "models" / "epoch2"), named_adapter(reference)) <= ADAPTER_TOLERANCE
+    assert max_abs_diff(adapter(train_repo / "models" / "epoch2"), adapter(train_repo / "models" / "epoch1")) > 1e-4
+    history = json.loads((train_repo / "models" / "epoch2" / "trainer_state.json").read_text())["history"]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in reference.state.history],
+                                                         abs=LOSS_TOLERANCE)
+    optimizer = torch.load(train_repo / "models" / "epoch2" / "optimizer.pt", weights_only=True)
+    one_process = torch.load(train_repo / "models" / "epoch1" / "optimizer.pt", weights_only=True)
+    assert optimizer["state"].keys() == one_process["state"].keys()
+    assert {v["exp_avg"].dtype for v in optimizer["state"].values()} == {torch.float32}
+    manifest = json.loads((train_repo / "models" / "epoch2" / "manifest.json").read_text())
+    assert manifest["host"]["optimisations"]["fsdp"]["engine"].startswith("FSDP1")
+    assert manifest["restored_state_saved_differently"] == {"num_processes": {"saved": 1, "now": 2},
+                                                            "distributed": {"saved": "ddp", "now": "fsdp"}}
+
+
 def leftovers(root: Path) -> list[str]:
     """Temp files and folders of an interrupted write (atomic writes make them dot-prefixed siblings)."""
     return sorted(str(p.relative_to(root)) for folder in ("models", "checkpoints", "metrics", "dvclive")
@@ -149,7 +171,7 @@ def leftovers(root: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("distributed, method", [("ddp", "qlora"), ("fsdp", "full")])
+@pytest.mark.parametrize("distributed, method", [("ddp", "qlora"), ("fsdp", "full"), ("fsdp", "qlora")])
 def test_a_killed_rank_stops_the_stage_with_nothing_half_written(train_repo, distributed, method):
     write_training_rows(train_repo / "data" / "audit" / "train.jsonl", 240)
     set_params(train_repo, **{"train.checkpoint_every_steps": 5, "train.method": method})
