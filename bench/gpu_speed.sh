@@ -12,6 +12,8 @@
 #   bash bench/gpu_speed.sh fsdp   issue #17 on one GPU: QLoRA under FSDP (refused), a full fine-tune without FSDP,
 #                                  and the same under FSDP on one process with CPU offload (few rows: a CPU Adam step
 #                                  over 7B fp32 parameters takes seconds)
+#   bash bench/gpu_speed.sh qlora_fsdp   issue #17's QLoRA-FSDP on one process against plain QLoRA, both eager
+#                                        and both with compiled layers
 #   (all seven contenders do not fit one 10-minute device call: a relaytune contender takes 2-3 min to load,
 #   compile and fit its budget)
 # Carry .whl (bitsandbytes slimmed by bench/slim_wheel.py to the image's CUDA 13 library, liger-kernel, pydantic).
@@ -41,6 +43,10 @@ case "${1:-}" in
         --variant 'full=train.method="full",distributed=ddp' \
         --variant 'full_fsdp_offload=train.method="full",distributed=fsdp,fsdp_cpu_offload=true' \
         --out "$OUT/fsdp.json" > "$OUT/fsdp.log" 2>&1 ;;
-  *) echo "usage: bench/gpu_speed.sh t4|bf16|unsloth|levers|goals_bf16|goals_t4_lean|fsdp" >&2; exit 2 ;;
+  qlora_fsdp) python3 -m bench.train_throughput --contenders "" --rows 64 --warmup 2 \
+        --variant qlora_eager=compile=false --variant qlora_fsdp=distributed=fsdp,compile=false \
+        --variant qlora=compile=true --variant qlora_fsdp_compiled=distributed=fsdp,compile=true \
+        --out "$OUT/qlora_fsdp.json" > "$OUT/qlora_fsdp.log" 2>&1 ;;
+  *) echo "usage: bench/gpu_speed.sh t4|bf16|unsloth|levers|goals_bf16|goals_t4_lean|fsdp|qlora_fsdp" >&2; exit 2 ;;
 esac
 tail -8 "$OUT/$1.log"
