@@ -171,7 +171,7 @@ def full_state_dicts(model, optimizer, adapter: list[str] | None, device: str) -
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    # FSDP1's offload to the CPU frees what already is on the CPU (the gathered copy is the parameter's own storage).
+    # On a CPU host FSDP1's offload to the CPU fails (torch 2.13: "storage of size 0" while unsharding): no offload.
     options = StateDictOptions(full_state_dict=True, cpu_offload=device == "cuda",
                                ignore_frozen_params=adapter is not None)
     weights = retie(get_model_state_dict(model, options=options), model)

@@ -113,20 +113,27 @@ FULL_WEIGHTS_TOLERANCE = ADAPTER_TOLERANCE
 
 
 @pytest.mark.slow
-def test_a_full_fine_tune_continued_under_fsdp_equals_one_process_throughout(train_repo):
+@pytest.mark.parametrize("method", ["full", "qlora"])  # FSDP2; FSDP1 over the 4-bit base
+def test_one_process_then_two_fsdp_processes_equal_one_process_throughout(train_repo, method):
     write_training_rows(train_repo / "data" / "audit" / "train.jsonl", 9)
-    set_params(train_repo, **{"train.method": "full", "train.learning_rate": 1e-4})
+    set_params(train_repo, **({"train.method": "full", "train.learning_rate": 1e-4} if method == "full"
+                              else {"lora.dropout": 0.0}))
     run_epoch(train_repo, 1, RELAYTUNE_NUM_PROCESSES="1")
     run_epoch(train_repo, 2, RELAYTUNE_NUM_PROCESSES="2", RELAYTUNE_DISTRIBUTED="fsdp")
     reference = in_process_run(train_repo, 2)
     from safetensors.torch import load_file
 
-    saved = load_file(train_repo / "models" / "epoch2" / "model.safetensors")
-    expected = {k: v.detach() for k, v in reference.model.state_dict().items() if k in saved}
-    assert len(expected) == len(saved) > 0
-    assert max_abs_diff(saved, expected) <= FULL_WEIGHTS_TOLERANCE
-    # ... and the weights did move: the comparison is not of two untouched copies of the base.
-    assert max_abs_diff(saved, load_file(train_repo / "models" / "epoch1" / "model.safetensors")) > 1e-4
+    if method == "full":
+        saved = load_file(train_repo / "models" / "epoch2" / "model.safetensors")
+        expected = {k: v.detach() for k, v in reference.model.state_dict().items() if k in saved}
+        assert len(expected) == len(saved) > 0
+        assert max_abs_diff(saved, expected) <= FULL_WEIGHTS_TOLERANCE
+        before = load_file(train_repo / "models" / "epoch1" / "model.safetensors")
+    else:
+        saved, before = adapter(train_repo / "models" / "epoch2"), adapter(train_repo / "models" / "epoch1")
+        assert max_abs_diff(saved, named_adapter(reference)) <= ADAPTER_TOLERANCE
+    # ... and the weights did move: the comparison is not of two untouched copies.
+    assert max_abs_diff(saved, before) > 1e-4
     history = json.loads((train_repo / "models" / "epoch2" / "trainer_state.json").read_text())["history"]
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in reference.state.history],
                                                          abs=LOSS_TOLERANCE)
@@ -137,29 +144,7 @@ def test_a_full_fine_tune_continued_under_fsdp_equals_one_process_throughout(tra
     assert {v["exp_avg"].dtype for v in optimizer["state"].values()} == {torch.float32}
     assert [g["params"] for g in optimizer["param_groups"]] == [g["params"] for g in one_process["param_groups"]]
     manifest = json.loads((train_repo / "models" / "epoch2" / "manifest.json").read_text())
-    assert manifest["restored_state_saved_differently"] == {"num_processes": {"saved": 1, "now": 2},
-                                                            "distributed": {"saved": "ddp", "now": "fsdp"}}
-
-
-@pytest.mark.slow
-def test_a_qlora_epoch_continued_under_fsdp_equals_one_process_throughout(train_repo):
-    # FSDP1 over the 4-bit base: the one-process optimizer state is loaded into two ranks' flat shards.
-    write_training_rows(train_repo / "data" / "audit" / "train.jsonl", 9)
-    set_params(train_repo, **{"lora.dropout": 0.0})
-    run_epoch(train_repo, 1, RELAYTUNE_NUM_PROCESSES="1")
-    run_epoch(train_repo, 2, RELAYTUNE_NUM_PROCESSES="2", RELAYTUNE_DISTRIBUTED="fsdp")
-    reference = in_process_run(train_repo, 2)
-    assert max_abs_diff(adapter(train_repo / "models" / "epoch2"), named_adapter(reference)) <= ADAPTER_TOLERANCE
-    assert max_abs_diff(adapter(train_repo / "models" / "epoch2"), adapter(train_repo / "models" / "epoch1")) > 1e-4
-    history = json.loads((train_repo / "models" / "epoch2" / "trainer_state.json").read_text())["history"]
-    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in reference.state.history],
-                                                         abs=LOSS_TOLERANCE)
-    optimizer = torch.load(train_repo / "models" / "epoch2" / "optimizer.pt", weights_only=True)
-    one_process = torch.load(train_repo / "models" / "epoch1" / "optimizer.pt", weights_only=True)
-    assert optimizer["state"].keys() == one_process["state"].keys()
-    assert {v["exp_avg"].dtype for v in optimizer["state"].values()} == {torch.float32}
-    manifest = json.loads((train_repo / "models" / "epoch2" / "manifest.json").read_text())
-    assert manifest["host"]["optimisations"]["fsdp"]["engine"].startswith("FSDP1")
+    assert manifest["host"]["optimisations"]["fsdp"]["engine"].startswith("FSDP1" if method == "qlora" else "FSDP2")
     assert manifest["restored_state_saved_differently"] == {"num_processes": {"saved": 1, "now": 2},
                                                             "distributed": {"saved": "ddp", "now": "fsdp"}}
 
