@@ -141,15 +141,6 @@ def shard_4bit_model(model, device: str) -> tuple[torch.nn.Module, dict]:
                      "quant_storage": storage}
 
 
-def gradient_sync(model, sync: bool):
-    """Gradients reduce-scattered at this backward (`sync`) or kept for the next micro-batch: FSDP2 holds a flag,
-    FSDP1 a context manager."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    return contextlib.nullcontext() if sync else model.no_sync()
-
-
 def clip_gradients(model, parameters: list[torch.Tensor], max_norm: float) -> None:
     """The norm over the whole model's gradients: FSDP1's flat shards need its own clip (FSDP2's DTensors, DDP's and
     one process's tensors take torch's)."""

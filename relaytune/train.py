@@ -35,7 +35,7 @@ from .paths import MANIFEST, OPTIMIZER, RNG, SCALER, SCHEDULER, TRAINER_STATE
 from .relay_folder import (Lineage, TrainerState, check_lineage, data_hash, file_hashes, folder_size_mb,
                            load_tensor_file, params_hash, parent_summary, remove_stale_temp_folders,
                            restore_rng_state, rng_state, verify_epoch_folder)
-from .sharding import (check_fsdp_host, clip_gradients, count_parameters, full_state_dicts, gradient_sync,
+from .sharding import (check_fsdp_host, clip_gradients, count_parameters, full_state_dicts,
                        join_single_process_group, load_full_optimizer_state, optimizer_state_casts,
                        resolve_distributed, shard_model, trainable_names, unwrapped)
 from .train_data import (Example, answer_token_count, collate, epoch_batches, load_training_rows, micro_batches,
@@ -353,10 +353,11 @@ class TrainingRun:
         return total_loss, tokens
 
     def _gradient_sync(self, sync: bool):
-        """DDP averages gradients at every backward outside no_sync(), FSDP reduce-scatters them where gradient sync
-        is on: once per step, at its last micro-batch."""
-        if self.fsdp:
-            return gradient_sync(self.model, sync)
+        """DDP and FSDP1 reduce gradients at every backward outside no_sync(), FSDP2 where its flag is on: once per
+        step, at its last micro-batch."""
+        if hasattr(self.train_model, "set_requires_gradient_sync"):  # FSDP2
+            self.train_model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         if sync or not hasattr(self.train_model, "no_sync"):
             return contextlib.nullcontext()
         return self.train_model.no_sync()
